@@ -1,0 +1,1 @@
+"""The agent layer: structured output, tools, planner/executor, plugins."""

@@ -1,0 +1,1 @@
+"""llmos runtime core: model import, tokenizer, engine, arbitration. No D-Bus here."""
