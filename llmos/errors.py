@@ -1,0 +1,79 @@
+"""Named errors of the llmos core.
+
+Every failure a caller can cause or meet has its own class with a human message, so the service layer
+can map it to an `org.llmos.Error.*` name without parsing strings and nobody sees a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LlmosError(Exception):
+    """Base of every error llmos raises on purpose."""
+
+    #: The D-Bus error suffix the service maps this to (org.llmos.Error.<dbus_name>).
+    dbus_name = "Failed"
+
+
+class ModelFormatError(LlmosError):
+    """A model file is truncated, corrupt, or not what it claims to be."""
+
+    dbus_name = "InvalidArgument"
+
+
+class UnsupportedModelError(LlmosError):
+    """A well-formed model uses an architecture or tensor type llmos cannot run."""
+
+    dbus_name = "InvalidArgument"
+
+
+class TokenizerError(LlmosError):
+    """Tokenizer metadata is missing or inconsistent."""
+
+    dbus_name = "InvalidArgument"
+
+
+class ChecksumError(LlmosError):
+    """A downloaded or stored file does not have the sha256 it must have."""
+
+    dbus_name = "ModelUnavailable"
+
+
+class ModelImportError(LlmosError):
+    """Importing a model failed (download, conversion or writing the model directory)."""
+
+    dbus_name = "ModelUnavailable"
+
+
+class ModelNotFoundError(LlmosError):
+    """No imported model matches the name that was asked for."""
+
+    dbus_name = "NotFound"
+
+
+class InvalidSamplingError(LlmosError, ValueError):
+    """A sampling or generation option is out of range or of the wrong type."""
+
+    dbus_name = "InvalidArgument"
+
+
+class ContextOverflowError(LlmosError):
+    """A prompt (plus the tokens asked for) does not fit the context. Never silently truncated."""
+
+    dbus_name = "ContextOverflow"
+
+    def __init__(self, needed: int, limit: int, what: str = "prompt") -> None:
+        self.needed = needed
+        self.limit = limit
+        super().__init__(f"{what} needs {needed} tokens but the context holds {limit}")
+
+
+class CapacityError(LlmosError):
+    """No free KV slot: the engine already holds as many sequences as it was sized for."""
+
+    dbus_name = "Busy"
+
+
+class ChatTemplateError(LlmosError):
+    """The model's chat template failed to render these messages (or raised on purpose)."""
+
+    dbus_name = "InvalidArgument"
