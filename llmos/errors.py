@@ -77,3 +77,9 @@ class ChatTemplateError(LlmosError):
     """The model's chat template failed to render these messages (or raised on purpose)."""
 
     dbus_name = "InvalidArgument"
+
+
+class ModelUnavailableError(LlmosError):
+    """The model cannot be loaded or run right now (missing files, runtime failure)."""
+
+    dbus_name = "ModelUnavailable"

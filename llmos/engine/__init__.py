@@ -1,0 +1,1 @@
+"""The in-process engine: KV cache, sampling, model runner, scheduler loop."""

@@ -1,0 +1,92 @@
+"""KV memory: one preallocated pool of per-sequence slots, bound to the graph in place.
+
+The pool is a single float32 array [layers, 2, slots, kv_heads, max_len + 1, head_dim]. GroupQueryAttention
+reads `past_*` and writes `present_*` into the same memory, so no step copies the cache. Rows of one layer
+are contiguous by slot, so a batch of sequences in slots a..b is one view. `np.zeros` memory is mapped
+lazily by the kernel: only the positions a sequence really fills become resident, which lets the pool be
+sized for the whole context without paying for it up front.
+
+One extra position per slot (max_len + 1) lets a batched decode step write a throw-away row into a slot
+that is only filling a gap in the batch, at that slot's current length, without ever running off its end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmos.errors import CapacityError, ContextOverflowError
+
+
+@dataclass
+class KVCache:
+    """One sequence's share of the pool: its slot and how many positions hold valid keys/values."""
+
+    pool: KVPool
+    slot: int
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.max_len
+
+    def reserve(self, n_new: int) -> None:
+        """Check `n_new` more positions fit; a prompt is never silently cut."""
+        if self.length + n_new > self.capacity:
+            raise ContextOverflowError(self.length + n_new, self.capacity, "sequence")
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (the memory is overwritten by the next write)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a {self.length}-token cache to {length}")
+        self.length = length
+
+    def copy_from(self, other: KVCache) -> None:
+        """Copy another sequence's valid positions into this slot (forking a conversation)."""
+        n = other.length
+        self.pool.data[:, :, self.slot, :, :n] = self.pool.data[:, :, other.slot, :, :n]
+        self.length = n
+
+    def nbytes(self) -> int:
+        return self.length * self.pool.bytes_per_token
+
+    def free(self) -> None:
+        self.pool.release(self)
+
+
+class KVPool:
+    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, max_len: int, slots: int) -> None:
+        if slots < 1 or max_len < 1:
+            raise ValueError("a KV pool needs at least one slot and one position")
+        self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
+        self.max_len, self.slots = max_len, slots
+        self.data = np.zeros((n_layer, 2, slots, n_head_kv, max_len + 1, head_dim), dtype=np.float32)
+        self.bytes_per_token = n_layer * 2 * n_head_kv * head_dim * 4
+        self._free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest slot first
+        self._owners: dict[int, KVCache] = {}
+
+    def allocate(self) -> KVCache:
+        if not self._free:
+            raise CapacityError(f"all {self.slots} KV slots are in use")
+        self._free.sort(reverse=True)
+        cache = KVCache(self, self._free.pop())
+        self._owners[cache.slot] = cache
+        return cache
+
+    def release(self, cache: KVCache) -> None:
+        if self._owners.get(cache.slot) is cache:
+            del self._owners[cache.slot]
+            self._free.append(cache.slot)
+            cache.length = 0
+
+    def occupant(self, slot: int) -> KVCache | None:
+        return self._owners.get(slot)
+
+    @property
+    def in_use(self) -> int:
+        return len(self._owners)
+
+    def layer_view(self, layer: int, kind: int, first_slot: int, n_slots: int) -> np.ndarray:
+        """[n_slots, kv_heads, max_len + 1, head_dim] contiguous view for binding (kind 0 = K, 1 = V)."""
+        return self.data[layer, kind, first_slot:first_slot + n_slots]

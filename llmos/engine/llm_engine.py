@@ -1,0 +1,229 @@
+"""The in-process engine: load a model directory, take requests, step them, stream text.
+
+`step()` is one scheduling decision: a prefill chunk of the oldest waiting sequence if there is one,
+else one batched decode step of every running sequence. `generate`, `stream` and `generate_batch` are
+loops over it. This FIFO policy is the engine's own; the arbiter replaces it with priorities and
+fairness across apps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmos.chat_template import ChatTemplate
+from llmos.engine.detokenizer import IncrementalDetokenizer
+from llmos.engine.kv_cache import KVCache, KVPool
+from llmos.engine.model_runner import ModelRunner, RunnerOptions
+from llmos.engine.sampling import SamplingParams
+from llmos.engine.sequence import FinishReason, Sequence, SequenceStatus, Usage
+from llmos.errors import ContextOverflowError, InvalidSamplingError
+from llmos.manifest import ModelManifest
+from llmos.tokenizer import Tokenizer
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    text: str  # new text since the previous chunk; never splits a UTF-8 character
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None  # set on the last chunk only
+    usage: Usage | None = None  # set on the last chunk only
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | os.PathLike[str], *, threads: int = 0, max_batch: int = 8,
+                 max_context: int | None = None, prefill_chunk: int = 512,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), warmup: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest = ModelManifest.read(self.model_dir)
+        m = self.manifest
+        self.tokenizer = Tokenizer.load(self.model_dir)
+        tok = self.tokenizer
+        bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+        self.chat_template = ChatTemplate(m.chat_template, bos, tok.id_to_token(tok.eos_id)) \
+            if m.chat_template else None
+        self.context_length = min(m.context_length, max_context or m.context_length)
+        if prefill_chunk < 1:
+            raise InvalidSamplingError("prefill_chunk must be at least 1")
+        self.prefill_chunk = prefill_chunk
+        self.pool = KVPool(m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch)
+        self.runner = ModelRunner(self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers))
+        self.eos_ids = frozenset(m.eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        if warmup:
+            self._warmup()
+
+    @classmethod
+    def from_store(cls, name: str | None = None, **kwargs: object) -> LLMEngine:
+        from llmos.model_store import ModelStore
+
+        return cls(ModelStore().resolve(name), **kwargs)  # type: ignore[arg-type]
+
+    def _warmup(self) -> None:
+        """The first runs after load are 2-3x slower (allocations, page faults): pay that now."""
+        cache = self.pool.allocate()
+        try:
+            self.runner.prefill(cache, [self.tokenizer.bos_id or 0] * 16)
+            self.runner.decode([cache], [0])
+        finally:
+            cache.free()
+
+    # -- prompts ------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, add_generation_prompt: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            if self.chat_template is None:
+                raise InvalidSamplingError("this model has no chat template; pass text or token ids")
+            return self.tokenizer.encode(self.chat_template.render(prompt, add_generation_prompt=add_generation_prompt))
+        raise InvalidSamplingError("a prompt is text, a list of token ids, or a list of chat messages")
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.encode_prompt(prompt))
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    cache: KVCache | None = None) -> Sequence:
+        """Queue a request. With `cache`, the prompt is appended to a sequence already in that cache."""
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise InvalidSamplingError("the prompt is empty")
+        if any(not 0 <= t < self.manifest.n_vocab for t in ids):
+            raise InvalidSamplingError(f"token ids must be in [0, {self.manifest.n_vocab})")
+        past = cache.length if cache is not None else 0
+        if past + len(ids) + 1 > self.context_length:
+            raise ContextOverflowError(past + len(ids) + 1, self.context_length,
+                                       "the prompt (plus one generated token)")
+        seq = Sequence(prompt_ids=ids, params=params, eos_ids=self.eos_ids,
+                       detok=IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop),
+                       cache=cache if cache is not None else self.pool.allocate())
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.finish(FinishReason.CANCELLED)
+        self._retire(seq)
+
+    def _retire(self, seq: Sequence, keep_cache: bool = False) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished sequence's KV memory (generate/stream do this unless asked to keep it)."""
+        self._retire(seq)
+        seq.cache.free()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One prefill chunk or one batched decode step; returns (sequence, new text) for each touched."""
+        if self.waiting:
+            return self._prefill_step(self.waiting[0])
+        if self.running:
+            return self._decode_step()
+        return []
+
+    def _prefill_step(self, seq: Sequence) -> list[tuple[Sequence, str]]:
+        t0 = time.perf_counter()
+        chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        logits = self.runner.prefill(seq.cache, chunk)
+        seq.prefilled += len(chunk)
+        seq.usage.prefill_s += time.perf_counter() - t0
+        if seq.prefilled < len(seq.prompt_ids):
+            return [(seq, "")]
+        self.waiting.popleft()
+        delta = seq.accept(seq.sampler(logits[-1], seq.history))
+        if seq.finished:
+            self._retire(seq)
+        else:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return [(seq, delta)]
+
+    def _decode_step(self) -> list[tuple[Sequence, str]]:
+        t0 = time.perf_counter()
+        batch = list(self.running)
+        logits = self.runner.decode([s.cache for s in batch], [s.last_token for s in batch])
+        dt = time.perf_counter() - t0
+        out = []
+        for s, row in zip(batch, logits, strict=True):
+            s.usage.decode_s += dt
+            out.append((s, s.accept(s.sampler(row, s.history))))
+            if s.finished:
+                self._retire(s)
+        return out
+
+    # -- convenience loops --------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, keep_cache: bool = False,
+               cache: KVCache | None = None) -> Iterator[StreamChunk]:
+        seq = self.add_request(prompt, params, cache)
+        sent = 0
+        try:
+            while not seq.finished:
+                for s, delta in self.step():
+                    if s is seq and (delta or s.finished):
+                        new_ids = seq.output_ids[sent:]
+                        sent = len(seq.output_ids)
+                        if s.finished:
+                            yield StreamChunk(delta, new_ids, seq.finish_reason, seq.usage)
+                        else:
+                            yield StreamChunk(delta, new_ids)
+        finally:
+            if not seq.finished:
+                self.cancel(seq)
+            if not keep_cache:
+                self.release(seq)
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, **options: object) -> Completion:
+        if options:
+            params = SamplingParams.of(**{**(params.model_dump() if params else {}), **options})
+        text, ids, last = [], [], None
+        for chunk in self.stream(prompt, params):
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        assert last is not None and last.finish_reason is not None and last.usage is not None
+        return Completion("".join(text), ids, last.finish_reason, last.usage)
+
+    def generate_batch(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+                       ) -> list[Completion]:
+        """Several prompts decoded together in batched runs (continuous batching)."""
+        plist = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidSamplingError("one SamplingParams per prompt, or one for all")
+        seqs: list[Sequence] = []
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                seqs.append(self.add_request(p, sp))
+            while any(not s.finished for s in seqs):
+                self.step()
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.cancel(s)
+                self.release(s)
+        return [Completion(s.detok.text, list(s.output_ids), s.finish_reason or FinishReason.CANCELLED, s.usage)
+                for s in seqs]

@@ -1,0 +1,83 @@
+"""Sampling parameters (validated at the boundary) and the sampler that turns logits into a token."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmos.errors import InvalidSamplingError
+
+MAX_STOP_STRINGS = 16
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens and when to stop. temperature 0 means greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    max_tokens: int = Field(256, ge=1, le=1_000_000)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repeat_last_n: int = Field(64, ge=0)  # window the penalty looks back over (llama.cpp's default)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = (v,)
+        if isinstance(v, list | tuple):
+            if len(v) > MAX_STOP_STRINGS:
+                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+            if any(not isinstance(s, str) or not s for s in v):
+                raise ValueError("stop strings must be non-empty strings")
+            return tuple(v)
+        return v
+
+    @classmethod
+    def of(cls, **options: object) -> SamplingParams:
+        """Build from loose options, turning every validation problem into InvalidSamplingError."""
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
+            raise InvalidSamplingError(f"invalid generation options: {problems}") from None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    """Per-sequence sampler; its own generator makes a seeded run reproducible whatever else runs."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        p = self.params
+        if p.repetition_penalty != 1.0 and p.repeat_last_n and history:
+            logits = logits.copy()
+            recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))
+        if 0 < p.top_k < logits.shape[0]:
+            cand = np.argpartition(logits, -p.top_k)[-p.top_k:]
+        else:
+            cand = np.arange(logits.shape[0])
+        scaled = logits[cand].astype(np.float64) / p.temperature
+        order = np.argsort(-scaled, kind="stable")
+        cand, scaled = cand[order], scaled[order]
+        probs = np.exp(scaled - scaled[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            cand, probs = cand[:keep], probs[:keep] / probs[:keep].sum()
+        return int(cand[self.rng.choice(len(cand), p=probs)])

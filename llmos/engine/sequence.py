@@ -1,0 +1,104 @@
+"""One generation request as the engine sees it: tokens in, tokens out, where it stands, and its stats."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from llmos.engine.detokenizer import IncrementalDetokenizer
+from llmos.engine.kv_cache import KVCache
+from llmos.engine.sampling import Sampler, SamplingParams
+
+_ids = itertools.count(1)
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # prompt (or part of it) not yet prefilled
+    RUNNING = "running"  # decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CONTEXT = "context"  # the context window is full
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # request accepted -> first token sampled
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first token comes from prefill; the rest from decode steps
+        n = max(self.completion_tokens - 1, 0)
+        return n / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    cache: KVCache
+    eos_ids: frozenset[int]
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    prefilled: int = 0  # prompt tokens already in the cache
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage = field(default_factory=Usage)
+    created: float = field(default_factory=time.perf_counter)
+    sampler: Sampler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.params)
+        self.usage.prompt_tokens = len(self.prompt_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def accept(self, token: int) -> str:
+        """Record a sampled token; return the text it releases and finish the sequence if it should stop."""
+        if not self.output_ids:
+            self.usage.ttft_s = time.perf_counter() - self.created
+        self.output_ids.append(token)
+        self.usage.completion_tokens = len(self.output_ids)
+        if token in self.eos_ids and not self.params.ignore_eos:
+            self.finish(FinishReason.STOP)
+            return self.detok.flush()
+        delta = self.detok.add(token)
+        if self.detok.stopped_by is not None:
+            self.finish(FinishReason.STOP)
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish(FinishReason.LENGTH)
+        elif self.cache.length + 1 > self.cache.capacity:
+            self.finish(FinishReason.CONTEXT)
+        if self.finished:
+            delta += self.detok.flush()
+        return delta
+
+    def finish(self, reason: FinishReason) -> None:
+        if not self.finished:
+            self.status = SequenceStatus.FINISHED
+            self.finish_reason = reason

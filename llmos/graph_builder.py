@@ -1,0 +1,276 @@
+"""Build the onnxruntime graph of a llama-family GGUF model.
+
+One graph serves prefill, chunked prefill and batched decode: the KV cache lives in buffers the engine
+owns ([batch, kv_heads, max_len, head_dim] per layer) and binds as both `past_*` and `present_*`, and
+GroupQueryAttention writes the new positions in place. `logit_positions` picks which positions reach the
+(49k-wide, expensive) head, so prefill computes one row of logits instead of hundreds.
+
+Operators are onnxruntime's CPU-fast contrib ops: MatMulNBits (int4/int8 weights carried from the GGUF,
+see quant.py), GroupQueryAttention (rotary inside), SimplifiedLayerNormalization and its Skip variant.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from llmos.errors import UnsupportedModelError
+from llmos.gguf_file import GGUFFile, LlamaHParams, TensorInfo
+from llmos.quant import BLOCK, PackedMatrix, dequantize, pack_matrix
+
+Precision = Literal["int4", "int8", "fp32"]
+PRECISIONS: tuple[Precision, ...] = ("int4", "int8", "fp32")
+OPSET = 21
+MS = "com.microsoft"
+GRAPH_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+BUILDER_VERSION = 1  # bump when the graph changes, so imports are redone
+
+
+@dataclass
+class BuildReport:
+    """What the builder did, for the manifest and the import summary."""
+
+    precision: Precision
+    exact: bool = True  # False if any weight had to be re-rounded from floats
+    corrected_matrices: int = 0  # Q4_1 matrices that carry a block-offset correction
+    notes: list[str] = field(default_factory=list)
+
+
+class _Graph:
+    """A thin accumulator of nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", out: list[str] | None = None,
+           **attrs: object) -> list[str]:
+        outputs = out or [self.name(f"{op_type}_out") for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain,
+                                           **attrs))
+        return outputs
+
+    def const(self, array: np.ndarray) -> str:
+        return self.init(self.name("const"), array)
+
+
+class LlamaGraphBuilder:
+    def __init__(self, gguf: GGUFFile, precision: Precision, accuracy_level: int = 4,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.gguf = gguf
+        self.hp: LlamaHParams = gguf.hparams()
+        self.precision = precision
+        self.accuracy_level = accuracy_level
+        self.progress = progress or (lambda _i, _n: None)
+        self.g = _Graph()
+        self.report = BuildReport(precision=precision)
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def _tensor(self, name: str) -> TensorInfo:
+        return self.gguf.tensor(name)
+
+    def _bits_for(self, t: TensorInfo) -> int:
+        if self.precision == "int8":
+            return 8
+        # int4 precision keeps 8-bit sources at 8 bits rather than re-rounding them (Q8_0 head/embedding).
+        return 8 if t.qtype.name in ("Q8_0", "F32", "F16", "BF16") and t.name == "token_embd.weight" else 4
+
+    def _pack(self, names: list[str]) -> PackedMatrix:
+        """Pack one or several matrices stacked on N (fused projections share their input)."""
+        parts = [pack_matrix(self._tensor(n), self._bits_for(self._tensor(n))) for n in names]
+        if len({p.bits for p in parts}) > 1:
+            parts = [pack_matrix(self._tensor(n), 8) for n in names]
+        if any(not p.exact for p in parts):
+            self.report.exact = False
+        if len(parts) == 1:
+            return parts[0]
+        corr = None
+        if any(p.correction is not None for p in parts):
+            corr = np.concatenate([p.correction if p.correction is not None else np.zeros_like(p.scales)
+                                   for p in parts])
+        return PackedMatrix(n=sum(p.n for p in parts), k=parts[0].k, bits=parts[0].bits,
+                            packed=np.concatenate([p.packed for p in parts]),
+                            scales=np.concatenate([p.scales for p in parts]), correction=corr,
+                            exact=all(p.exact for p in parts))
+
+    def _linear(self, x: str, names: list[str], tag: str) -> str:
+        """y = x @ W^T for the stacked GGUF matrices `names` (each [N_i, K])."""
+        g = self.g
+        if self.precision == "fp32":
+            w = np.concatenate([dequantize(self._tensor(n)) for n in names])  # [N, K]
+            return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
+        p = self._pack(names)
+        b = g.init(f"{tag}.qweight", p.packed)
+        s = g.init(f"{tag}.scales", p.scales)
+        y = g.op("MatMulNBits", [x, b, s], domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=BLOCK,
+                 accuracy_level=self.accuracy_level)[0]
+        if p.correction is None:
+            return y
+        # Exact Q4_1: add blocksum(x) @ C^T, C = m + d*(z - off) per block (see quant.py).
+        self.report.corrected_matrices += 1
+        nb = p.k // BLOCK
+        blocks = g.op("Reshape", [x, g.const(np.array([0, 0, nb, BLOCK], dtype=np.int64))])[0]
+        sums = g.op("ReduceSum", [blocks, g.const(np.array([-1], dtype=np.int64))], keepdims=0)[0]
+        corr = g.op("MatMul", [sums, g.init(f"{tag}.correction", np.ascontiguousarray(p.correction.T))])[0]
+        return g.op("Add", [y, corr])[0]
+
+    def _bias(self, y: str, names: list[str], tag: str) -> str:
+        if not self.hp.attention_bias:
+            return y
+        b = np.concatenate([dequantize(self._tensor(n)) .reshape(-1) for n in names])
+        return self.g.op("Add", [y, self.g.init(f"{tag}.bias", b)])[0]
+
+    # -- graph --------------------------------------------------------------------------------------------
+    def _embedding(self, ids: str) -> tuple[str, PackedMatrix | None, str | None]:
+        """Token embeddings; returns (hidden, packed table, its weight name) so a tied head can share it."""
+        g, hp = self.g, self.hp
+        t = self._tensor("token_embd.weight")
+        if self.precision == "fp32":
+            name = g.init("token_embd.weight", dequantize(t))
+            return g.op("Gather", [name, ids])[0], None, name
+        p = pack_matrix(t, 8)  # 8-bit lookups need no nibble unpacking in the graph; exact for Q8_0/Q4_x
+        if not p.exact:
+            self.report.exact = False
+        qw = g.init("token_embd.qweight", p.packed)  # [V, nb, 32]
+        sc = g.init("token_embd.scales", p.scales)  # [V, nb]
+        rows = g.op("Cast", [g.op("Gather", [qw, ids])[0]], to=TensorProto.FLOAT)[0]
+        centered = g.op("Sub", [rows, g.const(np.array(128.0, dtype=np.float32))])[0]
+        scales = g.op("Unsqueeze", [g.op("Gather", [sc, ids])[0], g.const(np.array([-1], dtype=np.int64))])[0]
+        x = g.op("Mul", [centered, scales])[0]
+        if p.correction is not None:
+            corr = g.init("token_embd.correction", p.correction)
+            x = g.op("Add", [x, g.op("Unsqueeze", [g.op("Gather", [corr, ids])[0],
+                                                    g.const(np.array([-1], dtype=np.int64))])[0]])[0]
+        x = g.op("Reshape", [x, g.const(np.array([0, 0, hp.n_embd], dtype=np.int64))])[0]
+        return x, p, qw
+
+    def _head(self, x: str, emb_packed: PackedMatrix | None, emb_name: str | None) -> str:
+        g, hp = self.g, self.hp
+        if not hp.tied_embeddings:
+            return self._linear(x, ["output.weight"], "lm_head")
+        if self.precision == "fp32":
+            # Gemm with transB reads the embedding table itself: one copy of the tied weights.
+            flat = g.op("Reshape", [x, g.const(np.array([-1, hp.n_embd], dtype=np.int64))])[0]
+            y = g.op("Gemm", [flat, emb_name], transB=1)[0]
+            shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [x])[0], g.const(np.array([0], np.int64)),
+                                                    g.const(np.array([2], np.int64))])[0],
+                                    g.const(np.array([hp.n_vocab], dtype=np.int64))], axis=0)[0]
+            return g.op("Reshape", [y, shape])[0]
+        assert emb_packed is not None and emb_name is not None
+        # The head is the embedding table read as MatMulNBits weights: the same initializer, one copy.
+        y = g.op("MatMulNBits", [x, emb_name, "token_embd.scales"], domain=MS, K=hp.n_embd, N=hp.n_vocab,
+                 bits=8, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
+        if emb_packed.correction is not None:
+            nb = hp.n_embd // BLOCK
+            blocks = g.op("Reshape", [x, g.const(np.array([0, 0, nb, BLOCK], dtype=np.int64))])[0]
+            sums = g.op("ReduceSum", [blocks, g.const(np.array([-1], dtype=np.int64))], keepdims=0)[0]
+            ct = g.init("lm_head.correction", np.ascontiguousarray(emb_packed.correction.T))
+            y = g.op("Add", [y, g.op("MatMul", [sums, ct])[0]])[0]
+        return y
+
+    def _rope_cache(self) -> tuple[str, str]:
+        hp = self.hp
+        half = hp.head_dim // 2
+        inv_freq = 1.0 / (hp.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / hp.head_dim))
+        angles = np.outer(np.arange(hp.context_length, dtype=np.float64), inv_freq)
+        return (self.g.init("rope.cos", np.cos(angles).astype(np.float32)),
+                self.g.init("rope.sin", np.sin(angles).astype(np.float32)))
+
+    def build(self) -> onnx.ModelProto:
+        g, hp = self.g, self.hp
+        eps = float(hp.rms_eps)
+        x, emb_packed, emb_name = self._embedding("input_ids")
+        cos, sin = self._rope_cache()
+        residual: str | None = None
+        branch = x  # the output of the previous sub-block, not yet added to the residual stream
+        for i in range(hp.n_layer):
+            p = f"blk.{i}."
+            attn_norm = g.init(f"{p}attn_norm.weight", dequantize(self._tensor(p + "attn_norm.weight")))
+            if residual is None:
+                normed = g.op("SimplifiedLayerNormalization", [branch, attn_norm], axis=-1, epsilon=eps,
+                              stash_type=1)[0]
+                residual = branch
+            else:
+                normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, attn_norm],
+                                              n_out=4, domain=MS, epsilon=eps)
+            qkv_names = [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
+            qkv = self._bias(self._linear(normed, qkv_names, f"{p}attn_qkv"),
+                             [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"], f"{p}attn_qkv")
+            attn, _, _ = g.op(
+                "GroupQueryAttention",
+                [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
+                domain=MS, out=[g.name("attn"), f"present_key.{i}", f"present_value.{i}"],
+                num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1,
+                # llama GGUFs permute Q/K rows for ggml's adjacent-pair rope; qwen2 keeps the NEOX halves.
+                rotary_interleaved=1 if hp.architecture == "llama" else 0,
+                scale=float(1.0 / np.sqrt(hp.head_dim)))
+            o = self._linear(attn, [p + "attn_output.weight"], f"{p}attn_output")
+            ffn_norm = g.init(f"{p}ffn_norm.weight", dequantize(self._tensor(p + "ffn_norm.weight")))
+            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm], n_out=4,
+                                          domain=MS, epsilon=eps)
+            gate_up = self._linear(normed, [p + "ffn_gate.weight", p + "ffn_up.weight"], f"{p}ffn_gate_up")
+            gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
+            branch = self._linear(act, [p + "ffn_down.weight"], f"{p}ffn_down")
+            self.progress(i + 1, hp.n_layer)
+        assert residual is not None
+        # Only the positions asked for reach the final norm and the head.
+        idx = g.op("Unsqueeze", ["logit_positions", g.const(np.array([-1], dtype=np.int64))])[0]
+        branch = g.op("GatherND", [branch, idx], batch_dims=1)[0]
+        residual = g.op("GatherND", [residual, idx], batch_dims=1)[0]
+        out_norm = g.init("output_norm.weight", dequantize(self._tensor("output_norm.weight")))
+        final, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, out_norm], n_out=4,
+                              domain=MS, epsilon=eps)
+        logits = self._head(final, emb_packed, emb_name)
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        hp = self.hp
+        kv_shape = ["batch", hp.n_head_kv, "max_len", hp.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("logit_positions", TensorProto.INT64, ["batch", "n_logits"]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", hp.n_vocab])]
+        for i in range(hp.n_layer):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape))
+                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape))
+        graph = helper.make_graph(self.g.nodes, "llmos_llama", inputs, outputs, self.g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="llmos", producer_version=str(BUILDER_VERSION))
+        model.ir_version = 10
+        return model
+
+
+def build_onnx(gguf: GGUFFile, precision: Precision, out_dir: str | os.PathLike[str],
+               progress: Callable[[int, int], None] | None = None) -> BuildReport:
+    """Build and write `model.onnx` + `model.onnx.data` into `out_dir` (which the caller makes atomic)."""
+    builder = LlamaGraphBuilder(gguf, precision, progress=progress)
+    model = builder.build()
+    out = Path(out_dir)
+    onnx.save_model(model, str(out / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=WEIGHTS_FILE, size_threshold=1024)
+    return builder.report

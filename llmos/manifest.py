@@ -1,0 +1,55 @@
+"""manifest.json: what a model directory holds, written last so its presence means "complete"."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llmos.errors import ModelFormatError
+
+MANIFEST_FILE = "manifest.json"
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format_version: int = 1
+    builder_version: int
+    name: str
+    architecture: str
+    precision: str
+    exact_weights: bool  # False when weights were re-rounded from floats (never for Q4_0/Q4_1/Q8_0)
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    context_length: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    chat_template: str | None
+    source_file: str
+    source_sha256: str
+    source_quant: str  # the GGUF's dominant tensor type, e.g. Q4_1
+    graph_file: str = "model.onnx"
+    weights_file: str = "model.onnx.data"
+    tokenizer_file: str = "tokenizer.json"
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.model_dump(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, directory / MANIFEST_FILE)
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike[str]) -> ModelManifest:
+        path = Path(directory) / MANIFEST_FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise ModelFormatError(f"{directory} is not a model directory (no {MANIFEST_FILE})") from None
+        except ValidationError as e:
+            raise ModelFormatError(f"{path} is invalid: {e.errors()[0]['msg']}") from None
