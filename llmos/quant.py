@@ -101,10 +101,14 @@ def _pack_affine(b: AffineBlocks, n: int, k: int, bits: int) -> PackedMatrix:
     qmin = int(b.q.min()) if b.q.size else 0
     integral = b.m_over_d is not None
     # An integer m/d (Q4_0: -8, Q8_0: 0) lets the offset absorb m: no correction term at all.
-    off = z + b.m_over_d if b.m_over_d is not None else -qmin
+    qmax = int(b.q.max()) if b.q.size else 0
+    # Otherwise centre q on z: the correction then stays as small as it can be. (Parking 4-bit values at
+    # the bottom of an 8-bit range would make it ~128d, cancelling against the int8-rounded activations.)
+    centred = z - (qmin + qmax + 1) // 2
+    off = z + b.m_over_d if b.m_over_d is not None else centred
     u = b.q + off
     if u.size and (u.min() < 0 or u.max() >= (1 << bits)):
-        off, integral = -qmin, False
+        off, integral = centred, False
         u = b.q + off
     u = u.astype(np.uint8)
     correction = None if integral else (b.m + b.d * float(z - off)).astype(np.float32)
