@@ -80,6 +80,7 @@ CORPUS: list[tuple[str, str]] = [
     ("digits", "Call +1 (555) 123-4567 or 0800 000 000."),
     ("digits", "1,000,000.00 and 1e-9 and 0x1F and 007"),
     ("digits", "١٢٣٤٥ ۱۲۳ १२३ ½ ² Ⅻ"),
+    ("digits", "Arabic-Indic ٢٠٢٤, Devanagari २०२४, fullwidth １２３, Thai ๒๕๖๗, Bengali ১২৩"),
     # accented Latin
     ("latin", "Café, naïve, façade, résumé, coöperate, jalapeño."),
     ("latin", "Größe, Straße, Übermäßig, Ærø, Œuvre, ŁÓDŹ"),

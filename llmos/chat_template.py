@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
@@ -34,11 +34,25 @@ DEFAULT_CHATML_TEMPLATE = (
 )
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """Accept `{% generation %}...{% endgeneration %}` and render its body unchanged.
+
+    Some templates mark the assistant's text this way for transformers' training-time assistant masks;
+    for inference the block is plain output, but without the tag such templates would not even compile.
+    """
+
+    tags = {"generation"}  # noqa: RUF012 (jinja2's own class attribute)
+
+    def parse(self, parser: Any) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 class _TemplateRaised(jinja2.TemplateError):
     """What the template's own `raise_exception(...)` throws, kept apart to word the error clearly."""
 
 
-def _raise_exception(message: str) -> None:
+def _raise_exception(message: str) -> NoReturn:
     raise _TemplateRaised(message)
 
 
@@ -61,7 +75,7 @@ def _strftime_now(fmt: str) -> str:
 
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationBlock]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

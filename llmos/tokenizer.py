@@ -273,7 +273,10 @@ class Tokenizer:
         untrusted user text needs, so it cannot forge turn boundaries).
         """
         hf = self._hf if parse_special else self._raw()
-        ids: list[int] = hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids: list[int] = hf.encode(text, add_special_tokens=False).ids
+        except TypeError as e:  # not a str, or a str with lone surrogates (not encodable as UTF-8)
+            raise TokenizerError(f"cannot tokenize {type(text).__name__}: need text of valid Unicode") from e
         if self.add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
