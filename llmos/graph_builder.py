@@ -73,13 +73,16 @@ class _Graph:
 
 class LlamaGraphBuilder:
     def __init__(self, gguf: GGUFFile, precision: Precision, accuracy_level: int = 4,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 accuracy_overrides: dict[str, int] | None = None) -> None:
         if precision not in PRECISIONS:
             raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.gguf = gguf
         self.hp: LlamaHParams = gguf.hparams()
         self.precision = precision
         self.accuracy_level = accuracy_level
+        # per projection role ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down", "lm_head")
+        self.accuracy_overrides = accuracy_overrides or {}
         self.progress = progress or (lambda _i, _n: None)
         self.g = _Graph()
         self.report = BuildReport(precision=precision)
@@ -112,6 +115,9 @@ class LlamaGraphBuilder:
                             scales=np.concatenate([p.scales for p in parts]), correction=corr,
                             exact=all(p.exact for p in parts))
 
+    def _accuracy(self, tag: str) -> int:
+        return self.accuracy_overrides.get(tag.rsplit(".", 1)[-1], self.accuracy_level)
+
     def _linear(self, x: str, names: list[str], tag: str) -> str:
         """y = x @ W^T for the stacked GGUF matrices `names` (each [N_i, K])."""
         g = self.g
@@ -119,10 +125,12 @@ class LlamaGraphBuilder:
             w = np.concatenate([dequantize(self._tensor(n)) for n in names])  # [N, K]
             return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
         p = self._pack(names)
-        b = g.init(f"{tag}.qweight", p.packed)
-        s = g.init(f"{tag}.scales", p.scales)
-        y = g.op("MatMulNBits", [x, b, s], domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=BLOCK,
-                 accuracy_level=self.accuracy_level)[0]
+        sub = int(os.environ.get("LLMOS_SUBBLOCK", "32"))
+        split = BLOCK // sub
+        b = g.init(f"{tag}.qweight", p.packed.reshape(p.n, p.k // sub, -1))
+        s = g.init(f"{tag}.scales", np.repeat(p.scales, split, axis=1))
+        y = g.op("MatMulNBits", [x, b, s], domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=sub,
+                 accuracy_level=self._accuracy(tag))[0]
         if p.correction is None:
             return y
         # Exact Q4_1: add blocksum(x) @ C^T, C = m + d*(z - off) per block (see quant.py).
@@ -178,7 +186,7 @@ class LlamaGraphBuilder:
         assert emb_packed is not None and emb_name is not None
         # The head is the embedding table read as MatMulNBits weights: the same initializer, one copy.
         y = g.op("MatMulNBits", [x, emb_name, "token_embd.scales"], domain=MS, K=hp.n_embd, N=hp.n_vocab,
-                 bits=8, block_size=BLOCK, accuracy_level=self.accuracy_level)[0]
+                 bits=8, block_size=BLOCK, accuracy_level=self._accuracy("lm_head"))[0]
         if emb_packed.correction is not None:
             nb = hp.n_embd // BLOCK
             blocks = g.op("Reshape", [x, g.const(np.array([0, 0, nb, BLOCK], dtype=np.int64))])[0]
