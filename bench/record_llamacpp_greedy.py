@@ -82,21 +82,33 @@ def main() -> None:
     gguf = GGUFFile(path)
     tok = Tokenizer.from_gguf(gguf)
     template = ChatTemplate.from_gguf(gguf)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, n_batch=512, logits_all=True,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=1024, n_threads=2, n_batch=512, logits_all=True, verbose=False
+    )
     with tempfile.TemporaryDirectory() as tmp:
         f32_path = Path(tmp) / "f32.gguf"
         write_f32_copy(path, f32_path)
-        llm32 = llama_cpp.Llama(model_path=str(f32_path), n_ctx=1024, n_threads=2, n_batch=512, logits_all=True,
-                                type_k=0, type_v=0, verbose=False)  # 0 = GGML_TYPE_F32 KV cache
+        llm32 = llama_cpp.Llama(
+            model_path=str(f32_path),
+            n_ctx=1024,
+            n_threads=2,
+            n_batch=512,
+            logits_all=True,
+            type_k=0,
+            type_v=0,
+            verbose=False,
+        )  # 0 = GGML_TYPE_F32 KV cache
         cases = []
         for text in PROMPTS:
             ids = tok.encode(template.render([{"role": "user", "content": text}], add_generation_prompt=True))
             out, out32 = greedy(llm, ids, tok.eos_ids), greedy(llm32, ids, tok.eos_ids)
             print(f"{text!r}\n  q4_1: {tok.decode(out)!r}\n  f32:  {tok.decode(out32)!r}")
             cases.append({"prompt": text, "prompt_ids": ids, "greedy_ids": out, "greedy_ids_f32": out32})
-    OUT.write_text(json.dumps({"llama_cpp_version": llama_cpp.__version__, "n_threads": 2, "cases": cases},
-                              indent=1) + "\n", encoding="utf-8")
+    OUT.write_text(
+        json.dumps({"llama_cpp_version": llama_cpp.__version__, "n_threads": 2, "cases": cases}, indent=1)
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"wrote {OUT}")
 
 

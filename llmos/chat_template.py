@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jinja2
 import jinja2.ext
@@ -19,7 +19,9 @@ from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmos.errors import ChatTemplateError
-from llmos.gguf_file import GGUFFile
+
+if TYPE_CHECKING:  # the gguf reader is only needed at import time, not to load a model
+    from llmos.gguf_file import GGUFFile
 
 ROLES = ("system", "user", "assistant", "tool")
 

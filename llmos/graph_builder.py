@@ -31,7 +31,7 @@ OPSET = 21
 MS = "com.microsoft"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 1  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 3  # bump when the graph changes, so imports are redone
 
 
 @dataclass
@@ -41,6 +41,7 @@ class BuildReport:
     precision: Precision
     exact: bool = True  # False if any weight had to be re-rounded from floats
     corrected_matrices: int = 0  # Q4_1 matrices that carry a block-offset correction
+    embedding: dict[str, dict[str, object]] = field(default_factory=dict)  # where the table's bytes are
     notes: list[str] = field(default_factory=list)
 
 
@@ -60,11 +61,19 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", out: list[str] | None = None,
-           **attrs: object) -> list[str]:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        n_out: int = 1,
+        domain: str = "",
+        out: list[str] | None = None,
+        **attrs: object,
+    ) -> list[str]:
         outputs = out or [self.name(f"{op_type}_out") for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain,
-                                           **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain, **attrs)
+        )
         return outputs
 
     def const(self, array: np.ndarray) -> str:
@@ -72,9 +81,14 @@ class _Graph:
 
 
 class LlamaGraphBuilder:
-    def __init__(self, gguf: GGUFFile, precision: Precision, accuracy_level: int = 4,
-                 progress: Callable[[int, int], None] | None = None,
-                 accuracy_overrides: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        precision: Precision,
+        accuracy_level: int = 4,
+        progress: Callable[[int, int], None] | None = None,
+        accuracy_overrides: dict[str, int] | None = None,
+    ) -> None:
         if precision not in PRECISIONS:
             raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.gguf = gguf
@@ -108,12 +122,18 @@ class LlamaGraphBuilder:
             return parts[0]
         corr = None
         if any(p.correction is not None for p in parts):
-            corr = np.concatenate([p.correction if p.correction is not None else np.zeros_like(p.scales)
-                                   for p in parts])
-        return PackedMatrix(n=sum(p.n for p in parts), k=parts[0].k, bits=parts[0].bits,
-                            packed=np.concatenate([p.packed for p in parts]),
-                            scales=np.concatenate([p.scales for p in parts]), correction=corr,
-                            exact=all(p.exact for p in parts))
+            corr = np.concatenate(
+                [p.correction if p.correction is not None else np.zeros_like(p.scales) for p in parts]
+            )
+        return PackedMatrix(
+            n=sum(p.n for p in parts),
+            k=parts[0].k,
+            bits=parts[0].bits,
+            packed=np.concatenate([p.packed for p in parts]),
+            scales=np.concatenate([p.scales for p in parts]),
+            correction=corr,
+            exact=all(p.exact for p in parts),
+        )
 
     def _accuracy(self, tag: str) -> int:
         return self.accuracy_overrides.get(tag.rsplit(".", 1)[-1], self.accuracy_level)
@@ -129,8 +149,16 @@ class LlamaGraphBuilder:
         split = BLOCK // sub
         b = g.init(f"{tag}.qweight", p.packed.reshape(p.n, p.k // sub, -1))
         s = g.init(f"{tag}.scales", np.repeat(p.scales, split, axis=1))
-        y = g.op("MatMulNBits", [x, b, s], domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=sub,
-                 accuracy_level=self._accuracy(tag))[0]
+        y = g.op(
+            "MatMulNBits",
+            [x, b, s],
+            domain=MS,
+            K=p.k,
+            N=p.n,
+            bits=p.bits,
+            block_size=sub,
+            accuracy_level=self._accuracy(tag),
+        )[0]
         if p.correction is None:
             return y
         # Exact Q4_1: add blocksum(x) @ C^T, C = m + d*(z - off) per block (see quant.py).
@@ -144,32 +172,27 @@ class LlamaGraphBuilder:
     def _bias(self, y: str, names: list[str], tag: str) -> str:
         if not self.hp.attention_bias:
             return y
-        b = np.concatenate([dequantize(self._tensor(n)) .reshape(-1) for n in names])
+        b = np.concatenate([dequantize(self._tensor(n)).reshape(-1) for n in names])
         return self.g.op("Add", [y, self.g.init(f"{tag}.bias", b)])[0]
 
     # -- graph --------------------------------------------------------------------------------------------
-    def _embedding(self, ids: str) -> tuple[str, PackedMatrix | None, str | None]:
-        """Token embeddings; returns (hidden, packed table, its weight name) so a tied head can share it."""
-        g, hp = self.g, self.hp
+    def _embedding_table(self) -> tuple[PackedMatrix | None, str]:
+        """Store the token embedding table; the engine looks rows up itself (see engine/embedding.py).
+
+        The lookup happens outside the graph, from a memory map of this initializer's bytes, so only the
+        rows of tokens actually seen become resident, while a tied head reads the same initializer (one
+        copy on disk; onnxruntime keeps only its prepacked form in memory).
+        """
         t = self._tensor("token_embd.weight")
         if self.precision == "fp32":
-            name = g.init("token_embd.weight", dequantize(t))
-            return g.op("Gather", [name, ids])[0], None, name
-        p = pack_matrix(t, 8)  # 8-bit lookups need no nibble unpacking in the graph; exact for Q8_0/Q4_x
+            return None, self.g.init("token_embd.weight", dequantize(t))
+        p = pack_matrix(t, 8)  # 8-bit rows need no nibble unpacking; exact for Q8_0 and Q4_x
         if not p.exact:
             self.report.exact = False
-        qw = g.init("token_embd.qweight", p.packed)  # [V, nb, 32]
-        sc = g.init("token_embd.scales", p.scales)  # [V, nb]
-        rows = g.op("Cast", [g.op("Gather", [qw, ids])[0]], to=TensorProto.FLOAT)[0]
-        centered = g.op("Sub", [rows, g.const(np.array(128.0, dtype=np.float32))])[0]
-        scales = g.op("Unsqueeze", [g.op("Gather", [sc, ids])[0], g.const(np.array([-1], dtype=np.int64))])[0]
-        x = g.op("Mul", [centered, scales])[0]
+        self.g.init("token_embd.scales", p.scales)  # [V, nb]
         if p.correction is not None:
-            corr = g.init("token_embd.correction", p.correction)
-            x = g.op("Add", [x, g.op("Unsqueeze", [g.op("Gather", [corr, ids])[0],
-                                                    g.const(np.array([-1], dtype=np.int64))])[0]])[0]
-        x = g.op("Reshape", [x, g.const(np.array([0, 0, hp.n_embd], dtype=np.int64))])[0]
-        return x, p, qw
+            self.g.init("token_embd.correction", p.correction)
+        return p, self.g.init("token_embd.qweight", p.packed)  # [V, nb, 32]
 
     def _head(self, x: str, emb_packed: PackedMatrix | None, emb_name: str | None) -> str:
         g, hp = self.g, self.hp
@@ -179,14 +202,34 @@ class LlamaGraphBuilder:
             # Gemm with transB reads the embedding table itself: one copy of the tied weights.
             flat = g.op("Reshape", [x, g.const(np.array([-1, hp.n_embd], dtype=np.int64))])[0]
             y = g.op("Gemm", [flat, emb_name], transB=1)[0]
-            shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [x])[0], g.const(np.array([0], np.int64)),
-                                                    g.const(np.array([2], np.int64))])[0],
-                                    g.const(np.array([hp.n_vocab], dtype=np.int64))], axis=0)[0]
+            shape = g.op(
+                "Concat",
+                [
+                    g.op(
+                        "Slice",
+                        [
+                            g.op("Shape", [x])[0],
+                            g.const(np.array([0], np.int64)),
+                            g.const(np.array([2], np.int64)),
+                        ],
+                    )[0],
+                    g.const(np.array([hp.n_vocab], dtype=np.int64)),
+                ],
+                axis=0,
+            )[0]
             return g.op("Reshape", [y, shape])[0]
         assert emb_packed is not None and emb_name is not None
         # The head is the embedding table read as MatMulNBits weights: the same initializer, one copy.
-        y = g.op("MatMulNBits", [x, emb_name, "token_embd.scales"], domain=MS, K=hp.n_embd, N=hp.n_vocab,
-                 bits=8, block_size=BLOCK, accuracy_level=self._accuracy("lm_head"))[0]
+        y = g.op(
+            "MatMulNBits",
+            [x, emb_name, "token_embd.scales"],
+            domain=MS,
+            K=hp.n_embd,
+            N=hp.n_vocab,
+            bits=8,
+            block_size=BLOCK,
+            accuracy_level=self._accuracy("lm_head"),
+        )[0]
         if emb_packed.correction is not None:
             nb = hp.n_embd // BLOCK
             blocks = g.op("Reshape", [x, g.const(np.array([0, 0, nb, BLOCK], dtype=np.int64))])[0]
@@ -200,13 +243,16 @@ class LlamaGraphBuilder:
         half = hp.head_dim // 2
         inv_freq = 1.0 / (hp.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / hp.head_dim))
         angles = np.outer(np.arange(hp.context_length, dtype=np.float64), inv_freq)
-        return (self.g.init("rope.cos", np.cos(angles).astype(np.float32)),
-                self.g.init("rope.sin", np.sin(angles).astype(np.float32)))
+        return (
+            self.g.init("rope.cos", np.cos(angles).astype(np.float32)),
+            self.g.init("rope.sin", np.sin(angles).astype(np.float32)),
+        )
 
     def build(self) -> onnx.ModelProto:
         g, hp = self.g, self.hp
         eps = float(hp.rms_eps)
-        x, emb_packed, emb_name = self._embedding("input_ids")
+        emb_packed, emb_name = self._embedding_table()
+        x = "inputs_embeds"
         cos, sin = self._rope_cache()
         residual: str | None = None
         branch = x  # the output of the previous sub-block, not yet added to the residual stream
@@ -214,27 +260,51 @@ class LlamaGraphBuilder:
             p = f"blk.{i}."
             attn_norm = g.init(f"{p}attn_norm.weight", dequantize(self._tensor(p + "attn_norm.weight")))
             if residual is None:
-                normed = g.op("SimplifiedLayerNormalization", [branch, attn_norm], axis=-1, epsilon=eps,
-                              stash_type=1)[0]
+                normed = g.op(
+                    "SimplifiedLayerNormalization", [branch, attn_norm], axis=-1, epsilon=eps, stash_type=1
+                )[0]
                 residual = branch
             else:
-                normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, attn_norm],
-                                              n_out=4, domain=MS, epsilon=eps)
+                normed, _, _, residual = g.op(
+                    "SkipSimplifiedLayerNormalization",
+                    [branch, residual, attn_norm],
+                    n_out=4,
+                    domain=MS,
+                    epsilon=eps,
+                )
             qkv_names = [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
-            qkv = self._bias(self._linear(normed, qkv_names, f"{p}attn_qkv"),
-                             [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"], f"{p}attn_qkv")
+            qkv = self._bias(
+                self._linear(normed, qkv_names, f"{p}attn_qkv"),
+                [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"],
+                f"{p}attn_qkv",
+            )
             attn, _, _ = g.op(
                 "GroupQueryAttention",
-                [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
-                domain=MS, out=[g.name("attn"), f"present_key.{i}", f"present_value.{i}"],
-                num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1,
+                [
+                    qkv,
+                    "",
+                    "",
+                    f"past_key.{i}",
+                    f"past_value.{i}",
+                    "seqlens_k",
+                    "total_sequence_length",
+                    cos,
+                    sin,
+                ],
+                domain=MS,
+                out=[g.name("attn"), f"present_key.{i}", f"present_value.{i}"],
+                num_heads=hp.n_head,
+                kv_num_heads=hp.n_head_kv,
+                do_rotary=1,
                 # llama GGUFs permute Q/K rows for ggml's adjacent-pair rope; qwen2 keeps the NEOX halves.
                 rotary_interleaved=1 if hp.architecture == "llama" else 0,
-                scale=float(1.0 / np.sqrt(hp.head_dim)))
+                scale=float(1.0 / np.sqrt(hp.head_dim)),
+            )
             o = self._linear(attn, [p + "attn_output.weight"], f"{p}attn_output")
             ffn_norm = g.init(f"{p}ffn_norm.weight", dequantize(self._tensor(p + "ffn_norm.weight")))
-            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, ffn_norm], n_out=4,
-                                          domain=MS, epsilon=eps)
+            normed, _, _, residual = g.op(
+                "SkipSimplifiedLayerNormalization", [o, residual, ffn_norm], n_out=4, domain=MS, epsilon=eps
+            )
             gate_up = self._linear(normed, [p + "ffn_gate.weight", p + "ffn_up.weight"], f"{p}ffn_gate_up")
             gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
@@ -246,8 +316,9 @@ class LlamaGraphBuilder:
         branch = g.op("GatherND", [branch, idx], batch_dims=1)[0]
         residual = g.op("GatherND", [residual, idx], batch_dims=1)[0]
         out_norm = g.init("output_norm.weight", dequantize(self._tensor("output_norm.weight")))
-        final, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, out_norm], n_out=4,
-                              domain=MS, epsilon=eps)
+        final, _, _, _ = g.op(
+            "SkipSimplifiedLayerNormalization", [branch, residual, out_norm], n_out=4, domain=MS, epsilon=eps
+        )
         logits = self._head(final, emb_packed, emb_name)
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         return self._model()
@@ -256,29 +327,78 @@ class LlamaGraphBuilder:
         hp = self.hp
         kv_shape = ["batch", hp.n_head_kv, "max_len", hp.head_dim]
         inputs = [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hp.n_embd]),
             helper.make_tensor_value_info("logit_positions", TensorProto.INT64, ["batch", "n_logits"]),
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         ]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", hp.n_vocab])]
+        outputs = [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", hp.n_vocab])
+        ]
         for i in range(hp.n_layer):
             for kind in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape))
-                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape))
+                outputs.append(
+                    helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape)
+                )
         graph = helper.make_graph(self.g.nodes, "llmos_llama", inputs, outputs, self.g.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                                  producer_name="llmos", producer_version=str(BUILDER_VERSION))
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+            producer_name="llmos",
+            producer_version=str(BUILDER_VERSION),
+        )
         model.ir_version = 10
+        # Initializers no node reads (the embedding table of an untied model) are still written to the
+        # data file for the engine's lookup; onnxruntime ignores them.
         return model
 
 
-def build_onnx(gguf: GGUFFile, precision: Precision, out_dir: str | os.PathLike[str],
-               progress: Callable[[int, int], None] | None = None) -> BuildReport:
+EMBEDDING_TENSORS = {
+    "token_embd.qweight": "qweight",
+    "token_embd.scales": "scales",
+    "token_embd.correction": "correction",
+    "token_embd.weight": "weight",
+}
+
+
+def build_onnx(
+    gguf: GGUFFile,
+    precision: Precision,
+    out_dir: str | os.PathLike[str],
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildReport:
     """Build and write `model.onnx` + `model.onnx.data` into `out_dir` (which the caller makes atomic)."""
     builder = LlamaGraphBuilder(gguf, precision, progress=progress)
     model = builder.build()
     out = Path(out_dir)
-    onnx.save_model(model, str(out / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=WEIGHTS_FILE, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(out / GRAPH_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_FILE,
+        size_threshold=1024,
+    )
+    builder.report.embedding = embedding_locations(out / GRAPH_FILE)
     return builder.report
+
+
+def embedding_locations(graph_path: Path) -> dict[str, dict[str, object]]:
+    """Byte ranges of the embedding table's initializers in the weight file (for the manifest)."""
+    saved = onnx.load(str(graph_path), load_external_data=False)
+    found: dict[str, dict[str, object]] = {}
+    for init in saved.graph.initializer:
+        role = EMBEDDING_TENSORS.get(init.name)
+        if role is None:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        found[role] = {
+            "file": info["location"],
+            "offset": int(info.get("offset", 0)),
+            "length": int(info["length"]),
+            "dtype": np.dtype(dtype).name,
+            "shape": list(init.dims),
+        }
+    return found

@@ -13,6 +13,18 @@ from llmos.errors import ModelFormatError
 MANIFEST_FILE = "manifest.json"
 
 
+class TensorLocation(BaseModel):
+    """Where an initializer's bytes sit in the weight file, so the engine can map them without onnx."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    offset: int
+    length: int
+    dtype: str  # numpy dtype name
+    shape: list[int]
+
+
 class ModelManifest(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -38,6 +50,8 @@ class ModelManifest(BaseModel):
     graph_file: str = "model.onnx"
     weights_file: str = "model.onnx.data"
     tokenizer_file: str = "tokenizer.json"
+    # token embedding table: "qweight"/"scales"/"correction" (8-bit rows) or "weight" (fp32)
+    embedding: dict[str, TensorLocation] = {}
 
     def write(self, directory: Path) -> None:
         tmp = directory / (MANIFEST_FILE + ".tmp")

@@ -66,7 +66,8 @@ class ModelStore:
             d = self.default_dir()
             if d is None:
                 raise ModelNotFoundError(
-                    f"no default model in {self.root}; run `llmosctl model import --default` first")
+                    f"no default model in {self.root}; run `llmosctl model import --default` first"
+                )
             return d
         if (Path(name) / MANIFEST_FILE).is_file():
             return Path(name)
@@ -82,15 +83,25 @@ class ModelStore:
         return matches[0][0]
 
     # -- import --------------------------------------------------------------------------------------
-    def import_default(self, precision: Precision = "int4", progress: ImportProgress | None = None,
-                       say: Callable[[str], None] | None = None) -> Path:
+    def import_default(
+        self,
+        precision: Precision = "int4",
+        progress: ImportProgress | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> Path:
         gguf = default_gguf_path(say)
         d = self.import_gguf(gguf, precision=precision, name=DEFAULT_MODEL_NAME, progress=progress)
         self._write_pointer(d)
         return d
 
-    def import_gguf(self, source: str | os.PathLike[str], precision: Precision = "int4", name: str | None = None,
-                    progress: ImportProgress | None = None, make_default: bool = False) -> Path:
+    def import_gguf(
+        self,
+        source: str | os.PathLike[str],
+        precision: Precision = "int4",
+        name: str | None = None,
+        progress: ImportProgress | None = None,
+        make_default: bool = False,
+    ) -> Path:
         if precision not in PRECISIONS:
             raise ModelImportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         step = progress or (lambda _s, _d, _t: None)
@@ -123,8 +134,17 @@ class ModelStore:
                 self._write_pointer(target)
         return target
 
-    def _build(self, gguf: GGUFFile, hp, src: Path, digest: str, name: str, precision: Precision,
-               out: Path, step: ImportProgress) -> None:
+    def _build(
+        self,
+        gguf: GGUFFile,
+        hp,
+        src: Path,
+        digest: str,
+        name: str,
+        precision: Precision,
+        out: Path,
+        step: ImportProgress,
+    ) -> None:
         from llmos.tokenizer import Tokenizer  # heavy import kept off the listing path
 
         step("tokenizer", 0, 1)
@@ -136,15 +156,33 @@ class ModelStore:
         except LlmosError:
             raise
         except Exception as e:
-            raise ModelImportError(f"building the graph for {src.name} failed: {type(e).__name__}: {e}") from e
-        types = Counter(gguf.tensor(n).qtype.name for n in gguf.tensor_names() if len(gguf.tensor(n).shape) == 2)
+            raise ModelImportError(
+                f"building the graph for {src.name} failed: {type(e).__name__}: {e}"
+            ) from e
+        types = Counter(
+            gguf.tensor(n).qtype.name for n in gguf.tensor_names() if len(gguf.tensor(n).shape) == 2
+        )
         manifest = ModelManifest(
-            builder_version=BUILDER_VERSION, name=name, architecture=hp.architecture, precision=precision,
-            exact_weights=report.exact, n_layer=hp.n_layer, n_embd=hp.n_embd, n_head=hp.n_head,
-            n_head_kv=hp.n_head_kv, head_dim=hp.head_dim, n_vocab=hp.n_vocab,
-            context_length=hp.context_length, bos_token_id=tok.bos_id, eos_token_ids=sorted(tok.eos_ids),
-            chat_template=gguf.get("tokenizer.chat_template"), source_file=src.name, source_sha256=digest,
-            source_quant=types.most_common(1)[0][0] if types else "unknown")
+            builder_version=BUILDER_VERSION,
+            name=name,
+            architecture=hp.architecture,
+            precision=precision,
+            exact_weights=report.exact,
+            n_layer=hp.n_layer,
+            n_embd=hp.n_embd,
+            n_head=hp.n_head,
+            n_head_kv=hp.n_head_kv,
+            head_dim=hp.head_dim,
+            n_vocab=hp.n_vocab,
+            context_length=hp.context_length,
+            bos_token_id=tok.bos_id,
+            eos_token_ids=sorted(tok.eos_ids),
+            chat_template=gguf.get("tokenizer.chat_template"),
+            source_file=src.name,
+            source_sha256=digest,
+            source_quant=types.most_common(1)[0][0] if types else "unknown",
+            embedding=report.embedding,
+        )
         step("check", 0, 1)
         self._check_loads(out)
         step("check", 1, 1)

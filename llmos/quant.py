@@ -64,7 +64,7 @@ def affine_blocks(t: TensorInfo) -> AffineBlocks | None:
         return AffineBlocks(d=d, m=np.zeros_like(d), q=q, m_over_d=0)
     if t.qtype in (Q.Q4_0, Q.Q4_1):
         start = 2 if t.qtype == Q.Q4_0 else 4
-        qs = raw[:, :, start:start + 16]
+        qs = raw[:, :, start : start + 16]
         # element j < 16 is the low nibble of byte j; element j >= 16 the high nibble of byte j-16
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)
         if t.qtype == Q.Q4_0:
@@ -112,8 +112,15 @@ def _pack_affine(b: AffineBlocks, n: int, k: int, bits: int) -> PackedMatrix:
         u = b.q + off
     u = u.astype(np.uint8)
     correction = None if integral else (b.m + b.d * float(z - off)).astype(np.float32)
-    return PackedMatrix(n=n, k=k, bits=bits, packed=_pack_bits(u, bits), scales=b.d.astype(np.float32),
-                        correction=correction, exact=True)
+    return PackedMatrix(
+        n=n,
+        k=k,
+        bits=bits,
+        packed=_pack_bits(u, bits),
+        scales=b.d.astype(np.float32),
+        correction=correction,
+        exact=True,
+    )
 
 
 def _pack_rtn(w: np.ndarray, bits: int) -> PackedMatrix:
@@ -125,7 +132,9 @@ def _pack_rtn(w: np.ndarray, bits: int) -> PackedMatrix:
     d = (amax / (z - 1)).astype(np.float32)
     safe = np.where(d == 0, 1.0, d)
     u = np.clip(np.rint(blocks / safe[..., None]) + z, 0, (1 << bits) - 1).astype(np.uint8)
-    return PackedMatrix(n=n, k=k, bits=bits, packed=_pack_bits(u, bits), scales=d, correction=None, exact=False)
+    return PackedMatrix(
+        n=n, k=k, bits=bits, packed=_pack_bits(u, bits), scales=d, correction=None, exact=False
+    )
 
 
 def _pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
@@ -138,7 +147,7 @@ def _pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
 def unpack(p: PackedMatrix) -> np.ndarray:
     """Float32 W [N, K] from a packed matrix: the inverse used by tests and the fp32 check."""
     if p.bits == 4:
-        u = np.empty(p.packed.shape[:-1] + (BLOCK,), dtype=np.float32)
+        u = np.empty((*p.packed.shape[:-1], BLOCK), dtype=np.float32)
         u[..., 0::2] = p.packed & 0x0F
         u[..., 1::2] = p.packed >> 4
     else:

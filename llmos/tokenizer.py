@@ -14,14 +14,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmos.errors import TokenizerError, UnsupportedModelError
-from llmos.gguf_file import GGUFFile
+
+if TYPE_CHECKING:  # the gguf reader is only needed at import time, not to load a model
+    from llmos.gguf_file import GGUFFile
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -115,7 +115,8 @@ def test_template_raise_exception_becomes_chat_template_error() -> None:
     t = ChatTemplate(
         "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user') }}"
         "{% endif %}{{ messages[0]['content'] }}",
-        "<s>", "</s>",
+        "<s>",
+        "</s>",
     )
     assert t.render([{"role": "user", "content": "ok"}]) == "ok"
     with pytest.raises(ChatTemplateError, match="Conversations must start with a user"):
@@ -151,9 +152,7 @@ def test_tojson_keeps_html_and_unicode() -> None:
     t = ChatTemplate("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}", "", "")
     tools = [{"name": "a<b>&'c", "city": "Zürich"}]
     out = t.render([{"role": "user", "content": "x"}], tools=tools)
-    assert out == (
-        '[{"name": "a<b>&\'c", "city": "Zürich"}]|{\n  "name": "a<b>&\'c",\n  "city": "Zürich"\n}'
-    )
+    assert out == ('[{"name": "a<b>&\'c", "city": "Zürich"}]|{\n  "name": "a<b>&\'c",\n  "city": "Zürich"\n}')
 
 
 def test_block_whitespace_is_trimmed_like_transformers() -> None:
@@ -165,8 +164,11 @@ def test_block_whitespace_is_trimmed_like_transformers() -> None:
         "{% endfor %}\n"
     )
     t = ChatTemplate(source, "", "")
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c"}]
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     assert t.render(msgs) == "U:a\nU:c\n"
 
 
@@ -175,10 +177,14 @@ def test_loop_controls_and_globals() -> None:
         "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
         "{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }};{% endfor %}"
         "{{ strftime_now('%Y') }}|{{ bos_token }}|{{ eos_token }}",
-        "<s>", "</s>",
+        "<s>",
+        "</s>",
     )
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
-            {"role": "user", "content": "u2"}]
+    msgs = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u1"},
+        {"role": "user", "content": "u2"},
+    ]
     year = datetime.datetime.now().year
     assert t.render(msgs) in (f"u1;{year}|<s>|</s>", f"u1;{year + 1}|<s>|</s>")
 
@@ -187,7 +193,8 @@ def test_generation_blocks_render_their_body() -> None:
     t = ChatTemplate(
         "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A:{{ m.content }}"
         "{% endgeneration %}{% else %}U:{{ m.content }}{% endif %};{% endfor %}",
-        "", "",
+        "",
+        "",
     )
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert t.render(msgs) == "U:q;A:a;"
@@ -203,9 +210,11 @@ def test_tool_aware_template_is_detected_and_rendered() -> None:
     )
     t = ChatTemplate(source, "", "")
     assert t.has_tool_role is True and t.supports_tools is True
-    msgs = [{"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather"}]},
-            {"role": "tool", "content": "sunny"}]
+    msgs = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather"}]},
+        {"role": "tool", "content": "sunny"},
+    ]
     assert t.render(msgs, tools=[{"name": "get_weather"}, {"name": "time"}]) == (
         "TOOLS:get_weather,time\nuser: weather?\nassistant: \n<tool_response>sunny</tool_response>\n"
     )
@@ -213,11 +222,14 @@ def test_tool_aware_template_is_detected_and_rendered() -> None:
 
 
 def test_missing_template_falls_back_to_chatml(tmp_path: Path) -> None:
-    g = _write_gguf(tmp_path / "no_template.gguf", {
-        "tokenizer.ggml.tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a"],
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-    })
+    g = _write_gguf(
+        tmp_path / "no_template.gguf",
+        {
+            "tokenizer.ggml.tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a"],
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+        },
+    )
     t = ChatTemplate.from_gguf(g)
     assert t.source == DEFAULT_CHATML_TEMPLATE
     assert t.eos_token == "<|im_end|>"
@@ -227,12 +239,15 @@ def test_missing_template_falls_back_to_chatml(tmp_path: Path) -> None:
 
 
 def test_template_in_gguf_is_used_as_is(tmp_path: Path) -> None:
-    g = _write_gguf(tmp_path / "custom.gguf", {
-        "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
-                                   "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
-        "tokenizer.ggml.tokens": ["<s>", "</s>"],
-        "tokenizer.ggml.bos_token_id": 0,
-        "tokenizer.ggml.eos_token_id": 1,
-    })
+    g = _write_gguf(
+        tmp_path / "custom.gguf",
+        {
+            "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+            "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+            "tokenizer.ggml.tokens": ["<s>", "</s>"],
+            "tokenizer.ggml.bos_token_id": 0,
+            "tokenizer.ggml.eos_token_id": 1,
+        },
+    )
     t = ChatTemplate.from_gguf(g)
     assert t.render([{"role": "user", "content": "hi"}]) == "<s>[user]hi[assistant]"

@@ -17,8 +17,11 @@ from llmos.tiny_model import write_random_gguf
 from system_services.progress import ImportProgress
 
 CLI = [sys.executable, "-m", "system_services.cli"]
-STATS = re.compile(r"^\[prompt (\d+) tokens, completion (\d+) tokens, TTFT \d+ ms, "
-                   r"decode [\d.]+ tok/s, finish (\w+)\]$", re.M)
+STATS = re.compile(
+    r"^\[prompt (\d+) tokens, completion (\d+) tokens, TTFT \d+ ms, "
+    r"decode [\d.]+ tok/s, finish (\w+)\]$",
+    re.M,
+)
 # Big enough that the graph stage lasts most of a second after its first line, so a signal sent on
 # seeing that line lands mid-build (the test fails loudly, rather than passing, if the import won).
 BIG_MODEL = {"n_layer": 24, "n_embd": 512, "n_ff": 1024}
@@ -32,10 +35,18 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def llmosctl(*args: object, tmp: Path, stdin: str | None = None, timeout: float = 120
-             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], input=stdin if stdin is not None else "",
-                          capture_output=True, text=True, env=_env(tmp), timeout=timeout, check=False)
+def llmosctl(
+    *args: object, tmp: Path, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=_env(tmp),
+        timeout=timeout,
+        check=False,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -103,8 +114,9 @@ def test_import_lists_and_reimport_is_a_no_op(tmp_path: Path, tiny_gguf: Path) -
     assert row.split()[:4] == ["tiny", "int4", "F32", "256"] and re.search(r"[\d.]+ KiB$", row), row
     assert not row.startswith("*"), "not imported with --default"
     listed = json.loads(llmosctl("model", "list", "--json", "--store", root, tmp=tmp_path).stdout)
-    assert [(m["name"], m["precision"], m["context_length"], m["default"]) for m in listed] == \
-        [("tiny", "int4", 256, False)]
+    assert [(m["name"], m["precision"], m["context_length"], m["default"]) for m in listed] == [
+        ("tiny", "int4", 256, False)
+    ]
     assert listed[0]["size_bytes"] > 0 and Path(listed[0]["path"]) == model_dir
 
     graph_mtime = (model_dir / "model.onnx").stat().st_mtime_ns
@@ -118,8 +130,19 @@ def test_import_lists_and_reimport_is_a_no_op(tmp_path: Path, tiny_gguf: Path) -
 
 def test_import_with_default_and_name_marks_the_default(tmp_path: Path, tiny_gguf: Path) -> None:
     root = tmp_path / "store"
-    r = llmosctl("model", "import", tiny_gguf, "--name", "pocket", "--precision", "int8", "--default",
-                 "--store", root, tmp=tmp_path)
+    r = llmosctl(
+        "model",
+        "import",
+        tiny_gguf,
+        "--name",
+        "pocket",
+        "--precision",
+        "int8",
+        "--default",
+        "--store",
+        root,
+        tmp=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "(default model)" in r.stdout
     listed = json.loads(llmosctl("model", "list", "--json", "--store", root, tmp=tmp_path).stdout)
@@ -165,8 +188,13 @@ def test_import_of_a_missing_file_and_without_a_source_are_usage_errors(tmp_path
 
 def _import_until_graph_then(sig: signal.Signals, gguf: Path, root: Path, tmp: Path) -> tuple[int, str]:
     """Start an import, send `sig` as soon as it reports the graph stage; return (exit code, stderr)."""
-    proc = subprocess.Popen([*CLI, "model", "import", str(gguf), "--precision", "fp32", "--store", str(root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp))
+    proc = subprocess.Popen(
+        [*CLI, "model", "import", str(gguf), "--precision", "fp32", "--store", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp),
+    )
     seen = []
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -206,8 +234,19 @@ def test_killed_import_leaves_no_model_and_next_import_cleans_up(tmp_path: Path,
 
 # -- generate --------------------------------------------------------------------------------------------
 def test_generate_streams_text_and_reports_stats(tmp: Path, store: Path) -> None:
-    args = ("generate", "--store", store, "--raw", "--max-tokens", "5", "--seed", "1", "--temperature", "0.8",
-            "Hello world")
+    args = (
+        "generate",
+        "--store",
+        store,
+        "--raw",
+        "--max-tokens",
+        "5",
+        "--seed",
+        "1",
+        "--temperature",
+        "0.8",
+        "Hello world",
+    )
     r = llmosctl(*args, tmp=tmp)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "some text"
@@ -230,18 +269,22 @@ def test_generate_applies_the_chat_template_unless_raw(tmp: Path, store: Path) -
 
 def test_generate_reads_the_prompt_from_stdin(tmp: Path, store: Path) -> None:
     from_arg = llmosctl("generate", "--store", store, "--max-tokens", "4", "Hello world", tmp=tmp)
-    from_stdin = llmosctl("generate", "--store", store, "--max-tokens", "4", "-", tmp=tmp,
-                          stdin="Hello world\n")
+    from_stdin = llmosctl(
+        "generate", "--store", store, "--max-tokens", "4", "-", tmp=tmp, stdin="Hello world\n"
+    )
     assert from_stdin.returncode == 0, from_stdin.stderr
     assert from_stdin.stdout == from_arg.stdout
     assert STATS.findall(from_stdin.stderr)[0][0] == STATS.findall(from_arg.stderr)[0][0]
 
 
-@pytest.mark.parametrize(("option", "value", "named"), [
-    ("--temperature", "-1", "temperature"),
-    ("--max-tokens", "0", "max_tokens"),
-    ("--top-p", "0", "top_p"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--max-tokens", "0", "max_tokens"),
+        ("--top-p", "0", "top_p"),
+    ],
+)
 def test_generate_rejects_bad_options(tmp: Path, store: Path, option: str, value: str, named: str) -> None:
     r = llmosctl("generate", "--store", store, option, value, "Hello", tmp=tmp)
     assert_clean_failure(r, 2, "invalid generation options", named)
@@ -276,8 +319,15 @@ def test_chat_keeps_history_across_turns(tmp: Path, store: Path) -> None:
 
 
 def test_chat_reset_and_quit(tmp: Path, store: Path) -> None:
-    r = llmosctl("chat", "--store", store, "--max-tokens", "3", tmp=tmp,
-                 stdin="Hello\n/reset\nHello\n/quit\nnever asked\n")
+    r = llmosctl(
+        "chat",
+        "--store",
+        store,
+        "--max-tokens",
+        "3",
+        tmp=tmp,
+        stdin="Hello\n/reset\nHello\n/quit\nnever asked\n",
+    )
     assert r.returncode == 0, r.stderr
     turns = STATS.findall(r.stderr)
     assert len(turns) == 2, r.stderr  # the line after /quit is not answered

@@ -22,11 +22,21 @@ from llmos.tiny_model import write_random_gguf
 PROMPT = [1, 40, 77, 120, 9, 250, 33, 64, 201, 5, 18, 99]
 
 
-def _engine(tmp: Path, *, arch: str = "llama", weight_type: str = "F32", precision: str = "fp32",
-            **engine_kw: object) -> tuple[LLMEngine, Path]:
+def _engine(
+    tmp: Path, *, arch: str = "llama", weight_type: str = "F32", precision: str = "fp32", **engine_kw: object
+) -> tuple[LLMEngine, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
-    gguf = write_random_gguf(tmp / f"{arch}-{weight_type}.gguf", arch=arch, weight_type=weight_type,
-                             n_layer=3, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, seed=7)
+    gguf = write_random_gguf(
+        tmp / f"{arch}-{weight_type}.gguf",
+        arch=arch,
+        weight_type=weight_type,
+        n_layer=3,
+        n_embd=64,
+        n_ff=128,
+        n_head=4,
+        n_head_kv=2,
+        seed=7,
+    )
     d = ModelStore(tmp / "store").import_gguf(gguf, precision=precision)  # type: ignore[arg-type]
     return LLMEngine(d, threads=1, warmup=False, **engine_kw), gguf  # type: ignore[arg-type]
 
@@ -73,11 +83,13 @@ def test_chunked_prefill_gives_the_same_logits(tmp_path: Path) -> None:
     ca, cb = whole.pool.allocate(), chunked.pool.allocate()
     la = whole.runner.prefill(ca, PROMPT)
     for i in range(0, len(PROMPT), 5):
-        lb = chunked.runner.prefill(cb, PROMPT[i:i + 5])
+        lb = chunked.runner.prefill(cb, PROMPT[i : i + 5])
     assert np.abs(la[-1] - lb[-1]).max() <= 1e-4
 
 
-def test_batched_decode_gives_the_same_tokens_as_one_by_one(llama_fp32: tuple[LLMEngine, ReferenceLlama]) -> None:
+def test_batched_decode_gives_the_same_tokens_as_one_by_one(
+    llama_fp32: tuple[LLMEngine, ReferenceLlama],
+) -> None:
     engine, _ = llama_fp32
     prompts = [PROMPT, PROMPT[:5], [1, 2, 3, 200, 150, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [99]]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (20, 7, 15, 20)]
@@ -91,7 +103,11 @@ def test_batch_with_a_gap_in_the_slots(llama_fp32: tuple[LLMEngine, ReferenceLla
     engine, _ = llama_fp32
     sp = SamplingParams(max_tokens=16, ignore_eos=True)
     expect = [engine.generate(p, sp).token_ids for p in (PROMPT, PROMPT[:6])]
-    seqs = [engine.add_request(PROMPT, sp), engine.add_request([5, 6, 7], sp), engine.add_request(PROMPT[:6], sp)]
+    seqs = [
+        engine.add_request(PROMPT, sp),
+        engine.add_request([5, 6, 7], sp),
+        engine.add_request(PROMPT[:6], sp),
+    ]
     while not seqs[0].output_ids or len(seqs[0].output_ids) < 4:
         engine.step()
     engine.cancel(seqs[1])
@@ -106,9 +122,11 @@ def test_batch_with_a_gap_in_the_slots(llama_fp32: tuple[LLMEngine, ReferenceLla
 
 def test_seeded_sampling_is_reproducible(llama_fp32: tuple[LLMEngine, ReferenceLlama]) -> None:
     engine, _ = llama_fp32
+
     def run(seed: int) -> list[int]:
         sp = SamplingParams(max_tokens=24, temperature=4.0, top_k=40, top_p=0.95, seed=seed, ignore_eos=True)
         return engine.generate(PROMPT, sp).token_ids
+
     assert run(3) == run(3)
     assert run(3) != run(4)
     # the seed is per request: another request in the same batch does not change this one's draw
@@ -120,21 +138,25 @@ def test_seeded_sampling_is_reproducible(llama_fp32: tuple[LLMEngine, ReferenceL
 def test_repetition_penalty_changes_greedy_output(llama_fp32: tuple[LLMEngine, ReferenceLlama]) -> None:
     engine, _ = llama_fp32
     plain = engine.generate(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True)).token_ids
-    penalised = engine.generate(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True,
-                                                      repetition_penalty=5.0)).token_ids
+    penalised = engine.generate(
+        PROMPT, SamplingParams(max_tokens=40, ignore_eos=True, repetition_penalty=5.0)
+    ).token_ids
     assert len(set(penalised)) > len(set(plain))
 
 
-def test_stop_string_ends_generation_and_is_not_returned(llama_fp32: tuple[LLMEngine, ReferenceLlama]) -> None:
+def test_stop_string_ends_generation_and_is_not_returned(
+    llama_fp32: tuple[LLMEngine, ReferenceLlama],
+) -> None:
     engine, _ = llama_fp32
     full = engine.generate(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))
     stop = full.text[10:13]
     assert stop and stop in full.text
     cut = engine.generate(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))
     assert cut.finish_reason == "stop"
-    assert cut.text == full.text[:full.text.index(stop)]
-    streamed = "".join(c.text for c in engine.stream(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True,
-                                                                            stop=[stop])))
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(
+        c.text for c in engine.stream(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))
+    )
     assert streamed == cut.text
 
 
@@ -163,12 +185,20 @@ def test_generation_stops_at_a_full_context(llama_fp32: tuple[LLMEngine, Referen
     assert len(out.token_ids) == 256 - 250 + 1  # the last token is sampled but never needs a slot
 
 
-@pytest.mark.parametrize("options, field", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"seed": -5}, "seed"), ({"stop": [""]}, "stop"), ({"nonsense": 1}, "nonsense"),
-    ({"temperature": "hot"}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"seed": -5}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"nonsense": 1}, "nonsense"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
 def test_invalid_sampling_values_are_named(options: dict, field: str) -> None:
     with pytest.raises(InvalidSamplingError, match=field):
         SamplingParams.of(**options)
@@ -183,8 +213,9 @@ def test_bad_prompts_are_named_errors(llama_fp32: tuple[LLMEngine, ReferenceLlam
     assert engine.pool.in_use == 0
 
 
-@pytest.mark.parametrize("weight_type, precision", [("Q4_1", "int4"), ("Q4_0", "int4"), ("Q8_0", "int8"),
-                                                    ("Q4_1", "int8")])
+@pytest.mark.parametrize(
+    "weight_type, precision", [("Q4_1", "int4"), ("Q4_0", "int4"), ("Q8_0", "int8"), ("Q4_1", "int8")]
+)
 def test_quantized_graphs_track_the_reference(tmp_path: Path, weight_type: str, precision: str) -> None:
     """Exact weights; only onnxruntime's 8-bit activation rounding (accuracy_level 4) separates them."""
     engine, gguf = _engine(tmp_path, weight_type=weight_type, precision=precision)

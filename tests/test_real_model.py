@@ -80,15 +80,18 @@ def test_int4_greedy_follows_llama_cpp_q4_1(int4: LLMEngine) -> None:
     agree = total = 0
     for case in _cases():
         ref = case["greedy_ids"]
-        out = int4.generate(case["prompt_ids"], SamplingParams(max_tokens=len(ref), ignore_eos=True)).token_ids
+        out = int4.generate(
+            case["prompt_ids"], SamplingParams(max_tokens=len(ref), ignore_eos=True)
+        ).token_ids
         n = next((i for i, (a, b) in enumerate(zip(out, ref, strict=True)) if a != b), len(ref))
         agree, total = agree + n, total + len(ref)
     assert agree / total >= 0.6, f"common greedy prefix {agree}/{total} tokens"
 
 
 def test_answers_the_capital_of_france(int4: LLMEngine) -> None:
-    out = int4.generate([{"role": "user", "content": "What is the capital of France?"}],
-                        SamplingParams(max_tokens=32))
+    out = int4.generate(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=32)
+    )
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
 

@@ -41,8 +41,11 @@ def loaded(saved_dir: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def missing_bytes(tok: Tokenizer) -> set[int]:
     """Bytes with no single-byte token, found from the tokenizer's own byte table."""
-    single = {tok.token_bytes(i)[0] for i in range(tok.vocab_size)
-              if i not in tok.special_ids and len(tok.token_bytes(i)) == 1}
+    single = {
+        tok.token_bytes(i)[0]
+        for i in range(tok.vocab_size)
+        if i not in tok.special_ids and len(tok.token_bytes(i)) == 1
+    }
     return set(range(256)) - single
 
 
@@ -54,8 +57,18 @@ def _without(text: str, missing: set[int]) -> bytes:
 def test_fixture_covers_the_corpus() -> None:
     assert len(CASES) >= 60
     categories = {c["category"] for c in CASES}
-    assert {"prose", "code", "cjk", "emoji", "whitespace", "digits", "latin", "scripts", "mixed",
-            "special"} <= categories
+    assert {
+        "prose",
+        "code",
+        "cjk",
+        "emoji",
+        "whitespace",
+        "digits",
+        "latin",
+        "scripts",
+        "mixed",
+        "special",
+    } <= categories
     assert FIXTURE["llama_cpp_version"]
     chat = next(c for c in CASES if c["text"].startswith("<|im_start|>user"))
     assert chat["ids_special"][0] == 1 and 1 not in chat["ids"]  # the fixture really tells the modes apart
@@ -83,8 +96,9 @@ def test_decode_inverts_encode(tok: Tokenizer, case: dict[str, Any], missing_byt
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_token_bytes_concatenate_to_the_utf8(tok: Tokenizer, case: dict[str, Any],
-                                             missing_bytes: set[int]) -> None:
+def test_token_bytes_concatenate_to_the_utf8(
+    tok: Tokenizer, case: dict[str, Any], missing_bytes: set[int]
+) -> None:
     text = case["text"]
     for ids in (tok.encode(text), tok.encode(text, parse_special=False)):
         assert b"".join(tok.token_bytes(i) for i in ids) == _without(text, missing_bytes)
@@ -181,7 +195,8 @@ def test_save_writes_both_files_and_no_leftovers(saved_dir: Path, tok: Tokenizer
     for attr in ("bos_id", "eos_id", "eos_ids", "special_ids", "vocab_size", "add_bos", "pre"):
         assert getattr(loaded, attr) == getattr(tok, attr), attr
     assert [loaded.token_bytes(i) for i in range(0, tok.vocab_size, 97)] == [
-        tok.token_bytes(i) for i in range(0, tok.vocab_size, 97)]
+        tok.token_bytes(i) for i in range(0, tok.vocab_size, 97)
+    ]
 
 
 def test_load_of_missing_or_broken_files(tmp_path: Path, saved_dir: Path) -> None:
@@ -321,7 +336,8 @@ def test_eos_ids_include_end_of_turn_tokens(tmp_path: Path) -> None:
         ({"tokens": [*TOKENS[:-1], "he"]}, TokenizerError, "appears twice"),
     ],
 )
-def test_bad_metadata_is_a_named_error(tmp_path: Path, changes: dict[str, Any], error: type[Exception],
-                                       match: str) -> None:
+def test_bad_metadata_is_a_named_error(
+    tmp_path: Path, changes: dict[str, Any], error: type[Exception], match: str
+) -> None:
     with pytest.raises(error, match=match):
         _tiny(tmp_path, **changes)

@@ -45,8 +45,8 @@ class IncrementalDetokenizer:
                 if pending.endswith(s[:n]):
                     keep = n
                     break
-        self._held = pending[len(pending) - keep:] if keep else ""
-        return self._emit(pending[:len(pending) - keep])
+        self._held = pending[len(pending) - keep :] if keep else ""
+        return self._emit(pending[: len(pending) - keep])
 
     def flush(self) -> str:
         """End of generation: release held text, and U+FFFD for a dangling partial character."""

@@ -4,7 +4,9 @@ The pool is a single float32 array [layers, 2, slots, kv_heads, max_len + 1, hea
 reads `past_*` and writes `present_*` into the same memory, so no step copies the cache. Rows of one layer
 are contiguous by slot, so a batch of sequences in slots a..b is one view. `np.zeros` memory is mapped
 lazily by the kernel: only the positions a sequence really fills become resident, which lets the pool be
-sized for the whole context without paying for it up front.
+sized for the whole context without paying for it up front. The pool is a plain anonymous mmap rather than
+`np.zeros`: numpy advises transparent huge pages for large arrays, and then touching the first position of
+a head's 2 MiB region would make the whole region resident.
 
 One extra position per slot (max_len + 1) lets a batched decode step write a throw-away row into a slot
 that is only filling a gap in the batch, at that slot's current length, without ever running off its end.
@@ -12,6 +14,7 @@ that is only filling a gap in the batch, at that slot's current length, without 
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +64,9 @@ class KVPool:
             raise ValueError("a KV pool needs at least one slot and one position")
         self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
         self.max_len, self.slots = max_len, slots
-        self.data = np.zeros((n_layer, 2, slots, n_head_kv, max_len + 1, head_dim), dtype=np.float32)
+        shape = (n_layer, 2, slots, n_head_kv, max_len + 1, head_dim)
+        self._map = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.data = np.frombuffer(self._map, dtype=np.float32).reshape(shape)  # zero-filled by the kernel
         self.bytes_per_token = n_layer * 2 * n_head_kv * head_dim * 4
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest slot first
         self._owners: dict[int, KVCache] = {}
@@ -89,4 +94,4 @@ class KVPool:
 
     def layer_view(self, layer: int, kind: int, first_slot: int, n_slots: int) -> np.ndarray:
         """[n_slots, kv_heads, max_len + 1, head_dim] contiguous view for binding (kind 0 = K, 1 = V)."""
-        return self.data[layer, kind, first_slot:first_slot + n_slots]
+        return self.data[layer, kind, first_slot : first_slot + n_slots]

@@ -19,6 +19,7 @@ from pathlib import Path
 from llmos.chat_template import ChatTemplate
 from llmos.engine.detokenizer import IncrementalDetokenizer
 from llmos.engine.kv_cache import KVCache, KVPool
+from llmos.engine.memory import release_free_heap
 from llmos.engine.model_runner import ModelRunner, RunnerOptions
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason, Sequence, SequenceStatus, Usage
@@ -46,28 +47,40 @@ class StreamChunk:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | os.PathLike[str], *, threads: int = 0, max_batch: int = 8,
-                 max_context: int | None = None, prefill_chunk: int = 512,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), warmup: bool = True) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        threads: int = 0,
+        max_batch: int = 8,
+        max_context: int | None = None,
+        prefill_chunk: int = 512,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        warmup: bool = True,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.read(self.model_dir)
         m = self.manifest
         self.tokenizer = Tokenizer.load(self.model_dir)
         tok = self.tokenizer
         bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
-        self.chat_template = ChatTemplate(m.chat_template, bos, tok.id_to_token(tok.eos_id)) \
-            if m.chat_template else None
+        self.chat_template = (
+            ChatTemplate(m.chat_template, bos, tok.id_to_token(tok.eos_id)) if m.chat_template else None
+        )
         self.context_length = min(m.context_length, max_context or m.context_length)
         if prefill_chunk < 1:
             raise InvalidSamplingError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
         self.pool = KVPool(m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch)
-        self.runner = ModelRunner(self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers))
+        self.runner = ModelRunner(
+            self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers)
+        )
         self.eos_ids = frozenset(m.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         if warmup:
             self._warmup()
+        release_free_heap()
 
     @classmethod
     def from_store(cls, name: str | None = None, **kwargs: object) -> LLMEngine:
@@ -93,15 +106,18 @@ class LLMEngine:
         if prompt and all(isinstance(m, dict) for m in prompt):
             if self.chat_template is None:
                 raise InvalidSamplingError("this model has no chat template; pass text or token ids")
-            return self.tokenizer.encode(self.chat_template.render(prompt, add_generation_prompt=add_generation_prompt))
+            return self.tokenizer.encode(
+                self.chat_template.render(prompt, add_generation_prompt=add_generation_prompt)
+            )
         raise InvalidSamplingError("a prompt is text, a list of token ids, or a list of chat messages")
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self.encode_prompt(prompt))
 
     # -- requests -----------------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    cache: KVCache | None = None) -> Sequence:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, cache: KVCache | None = None
+    ) -> Sequence:
         """Queue a request. With `cache`, the prompt is appended to a sequence already in that cache."""
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
@@ -111,11 +127,16 @@ class LLMEngine:
             raise InvalidSamplingError(f"token ids must be in [0, {self.manifest.n_vocab})")
         past = cache.length if cache is not None else 0
         if past + len(ids) + 1 > self.context_length:
-            raise ContextOverflowError(past + len(ids) + 1, self.context_length,
-                                       "the prompt (plus one generated token)")
-        seq = Sequence(prompt_ids=ids, params=params, eos_ids=self.eos_ids,
-                       detok=IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop),
-                       cache=cache if cache is not None else self.pool.allocate())
+            raise ContextOverflowError(
+                past + len(ids) + 1, self.context_length, "the prompt (plus one generated token)"
+            )
+        seq = Sequence(
+            prompt_ids=ids,
+            params=params,
+            eos_ids=self.eos_ids,
+            detok=IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop),
+            cache=cache if cache is not None else self.pool.allocate(),
+        )
         self.waiting.append(seq)
         return seq
 
@@ -148,7 +169,7 @@ class LLMEngine:
 
     def _prefill_step(self, seq: Sequence) -> list[tuple[Sequence, str]]:
         t0 = time.perf_counter()
-        chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
         logits = self.runner.prefill(seq.cache, chunk)
         seq.prefilled += len(chunk)
         seq.usage.prefill_s += time.perf_counter() - t0
@@ -177,8 +198,14 @@ class LLMEngine:
         return out
 
     # -- convenience loops --------------------------------------------------------------------------------
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, keep_cache: bool = False,
-               cache: KVCache | None = None) -> Iterator[StreamChunk]:
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        keep_cache: bool = False,
+        cache: KVCache | None = None,
+    ) -> Iterator[StreamChunk]:
         seq = self.add_request(prompt, params, cache)
         sent = 0
         try:
@@ -208,8 +235,9 @@ class LLMEngine:
         assert last is not None and last.finish_reason is not None and last.usage is not None
         return Completion("".join(text), ids, last.finish_reason, last.usage)
 
-    def generate_batch(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
-                       ) -> list[Completion]:
+    def generate_batch(
+        self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Several prompts decoded together in batched runs (continuous batching)."""
         plist = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -225,5 +253,7 @@ class LLMEngine:
                 if not s.finished:
                     self.cancel(s)
                 self.release(s)
-        return [Completion(s.detok.text, list(s.output_ids), s.finish_reason or FinishReason.CANCELLED, s.usage)
-                for s in seqs]
+        return [
+            Completion(s.detok.text, list(s.output_ids), s.finish_reason or FinishReason.CANCELLED, s.usage)
+            for s in seqs
+        ]

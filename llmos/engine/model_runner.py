@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from llmos.engine.embedding import EmbeddingTable
 from llmos.engine.kv_cache import KVCache, KVPool
 from llmos.errors import ModelUnavailableError
 from llmos.manifest import ModelManifest
@@ -37,21 +38,29 @@ def _session_options(opts: RunnerOptions) -> ort.SessionOptions:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | os.PathLike[str], manifest: ModelManifest, pool: KVPool,
-                 options: RunnerOptions | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        manifest: ModelManifest,
+        pool: KVPool,
+        options: RunnerOptions | None = None,
+    ) -> None:
         self.options = options or RunnerOptions()
         self.manifest = manifest
         self.pool = pool
         try:
-            self.session = ort.InferenceSession(os.path.join(model_dir, manifest.graph_file),
-                                                _session_options(self.options),
-                                                providers=list(self.options.providers))
+            self.session = ort.InferenceSession(
+                os.path.join(model_dir, manifest.graph_file),
+                _session_options(self.options),
+                providers=list(self.options.providers),
+            )
         except Exception as e:  # onnxruntime raises its own exception types for a broken file
             raise ModelUnavailableError(f"onnxruntime could not load {model_dir}: {e}") from e
         self.provider = self.session.get_providers()[0]
         self.vocab = manifest.n_vocab
+        self.embeddings = EmbeddingTable(model_dir, manifest.embedding)
         slots = pool.slots
-        self._ids = np.zeros((slots, 1), dtype=np.int64)
+        self._embeds = np.zeros((slots, 1, manifest.n_embd), dtype=np.float32)
         self._pos = np.zeros((slots, 1), dtype=np.int64)
         self._seqlens = np.zeros(slots, dtype=np.int32)
         self._total = np.zeros((), dtype=np.int32)
@@ -76,14 +85,17 @@ class ModelRunner:
         """Append `ids` to the sequence in `cache`; return logits [n, vocab] (all positions or the last)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
+        embeds = self.embeddings.lookup(ids)
         cache.reserve(n)
         past = cache.length
-        positions = np.arange(n, dtype=np.int64).reshape(1, -1) if all_logits else np.array([[n - 1]], np.int64)
+        positions = (
+            np.arange(n, dtype=np.int64).reshape(1, -1) if all_logits else np.array([[n - 1]], np.int64)
+        )
         logits = np.empty((1, positions.shape[1], self.vocab), dtype=np.float32)
         seqlens = np.array([past + n - 1], dtype=np.int32)
         total = np.array(past + n, dtype=np.int32)
         self._bound = None
-        self._bind("input_ids", ids)
+        self._bind("inputs_embeds", embeds)
         self._bind("logit_positions", positions)
         self._bind("seqlens_k", seqlens)
         self._bind("total_sequence_length", total)
@@ -105,19 +117,20 @@ class ModelRunner:
         slots = [c.slot for c in caches]
         first, n = min(slots), max(slots) - min(slots) + 1
         if self._bound != (first, n):
-            self._bind("input_ids", self._ids[:n])
+            self._bind("inputs_embeds", self._embeds[:n])
             self._bind("logit_positions", self._pos[:n])
             self._bind("seqlens_k", self._seqlens[:n])
             self._bind("total_sequence_length", self._total)
             self._bind("logits", self._logits[:n], output=True)
             self._bind_kv(first, n)
             self._bound = (first, n)
-        for row in range(n):  # gap rows: write at the occupant's length (harmless), or at 0 if free
-            occupant = self.pool.occupant(first + row)
-            self._ids[row, 0] = 0
-            self._seqlens[row] = occupant.length if occupant else 0
-        for c, t in zip(caches, tokens, strict=True):
-            self._ids[c.slot - first, 0] = t
+        if len(caches) < n:
+            for row in range(n):  # gap rows: write at the occupant's length (harmless), or at 0 if free
+                occupant = self.pool.occupant(first + row)
+                self._seqlens[row] = occupant.length if occupant else 0
+        rows = np.asarray(slots) - first
+        self._embeds[rows] = self.embeddings.lookup(np.asarray(tokens, dtype=np.int64)[:, None])
+        for c in caches:
             self._seqlens[c.slot - first] = c.length  # total length after this token, minus one
         self._total[...] = int(self._seqlens[:n].max()) + 1
         self.session.run_with_iobinding(self._io)

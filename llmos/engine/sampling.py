@@ -44,7 +44,9 @@ class SamplingParams(BaseModel):
         try:
             return cls(**options)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors()
+            )
             raise InvalidSamplingError(f"invalid generation options: {problems}") from None
 
     @property
@@ -63,13 +65,13 @@ class Sampler:
         p = self.params
         if p.repetition_penalty != 1.0 and p.repeat_last_n and history:
             logits = logits.copy()
-            recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
+            recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
             vals = logits[recent]
             logits[recent] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))
         if 0 < p.top_k < logits.shape[0]:
-            cand = np.argpartition(logits, -p.top_k)[-p.top_k:]
+            cand = np.argpartition(logits, -p.top_k)[-p.top_k :]
         else:
             cand = np.arange(logits.shape[0])
         scaled = logits[cand].astype(np.float64) / p.temperature

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 from llmos.engine.detokenizer import IncrementalDetokenizer
 from llmos.engine.kv_cache import KVCache
@@ -20,7 +20,7 @@ class SequenceStatus(Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached
     CONTEXT = "context"  # the context window is full
