@@ -17,10 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-
 import llama_cpp
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from llmos.chat_template import ChatTemplate
 from llmos.default_model import default_gguf_path

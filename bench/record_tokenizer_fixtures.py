@@ -23,29 +23,37 @@ CORPUS: list[tuple[str, str]] = [
     # English prose
     ("prose", "The quick brown fox jumps over the lazy dog."),
     ("prose", "Hello, world! How are you doing today?"),
-    ("prose", "It's a truth universally acknowledged, that a single man in possession of a good fortune, "
-              "must be in want of a wife."),
+    (
+        "prose",
+        "It's a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife.",
+    ),
     ("prose", "I'm sure they'll say we'd've done it if you're right; isn't it?"),
     ("prose", "IT'S LOUD. They'RE here, WE'LL see, You'VE got it."),
-    ("prose", "Dr. Smith (a.k.a. \"the Professor\") arrived at 5 p.m. -- late, as usual..."),
+    ("prose", 'Dr. Smith (a.k.a. "the Professor") arrived at 5 p.m. -- late, as usual...'),
     ("prose", "Operating systems schedule processes; kernels manage memory, devices & interrupts."),
     ("prose", "a"),
     ("prose", "A"),
     ("prose", ""),
     # code
-    ("code", "def fib(n: int) -> int:\n    if n < 2:\n        return n\n"
-             "    return fib(n - 1) + fib(n - 2)\n"),
-    ("code", "class Foo(Bar):\n\t\"\"\"Docstring.\"\"\"\n\n\tdef __init__(self, *args, **kwargs):\n"
-             "\t\tsuper().__init__(*args, **kwargs)\n"),
-    ("code", "#include <stdio.h>\n\nint main(void) {\n    printf(\"%d\\n\", 42);\n    return 0;\n}\n"),
+    (
+        "code",
+        "def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    ),
+    (
+        "code",
+        'class Foo(Bar):\n\t"""Docstring."""\n\n\tdef __init__(self, *args, **kwargs):\n'
+        "\t\tsuper().__init__(*args, **kwargs)\n",
+    ),
+    ("code", '#include <stdio.h>\n\nint main(void) {\n    printf("%d\\n", 42);\n    return 0;\n}\n'),
     ("code", "for (size_t i = 0; i < n; ++i) { a[i] ^= b[i] >> 3; p->next = &q; }"),
     ("code", '{"name": "llmos", "version": "0.1.0", "tags": ["llm", "os"], "nested": {"a": [1, 2.5, null]}}'),
-    ("code", "{\n  \"key\": true,\n  \"empty\": {},\n  \"list\": []\n}"),
+    ("code", '{\n  "key": true,\n  "empty": {},\n  "list": []\n}'),
     ("code", "SELECT id, name FROM users WHERE age >= 18 ORDER BY name DESC LIMIT 10;"),
-    ("code", "x = [i**2 for i in range(10) if i % 2 == 0]  # squares\nprint(f\"{x!r:>20}\")"),
-    ("code", "<html><body><div class=\"a\">Hi &amp; bye</div></body></html>"),
+    ("code", 'x = [i**2 for i in range(10) if i % 2 == 0]  # squares\nprint(f"{x!r:>20}")'),
+    ("code", '<html><body><div class="a">Hi &amp; bye</div></body></html>'),
     ("code", "$ ls -la /usr/bin | grep -E '^-rwx' && echo \"done\" || exit 1"),
-    ("code", "fn main() { let v: Vec<u8> = vec![0xFF, 0x00]; println!(\"{:?}\", v); }"),
+    ("code", 'fn main() { let v: Vec<u8> = vec![0xFF, 0x00]; println!("{:?}", v); }'),
     # CJK
     ("cjk", "你好，世界！今天天气很好。"),
     ("cjk", "人工智能正在改变我们的生活方式。"),
@@ -114,8 +122,11 @@ CORPUS: list[tuple[str, str]] = [
     ("special", "text before<|im_end|>text after"),
     ("special", "<|im_start|><|im_start|><|im_end|>"),
     ("special", "<repo_name>llmos<file_sep>main.py<filename>"),
-    ("special", "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                "<|im_end|>\n"),
+    (
+        "special",
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n",
+    ),
     ("special", "< |im_start| > <|im_start <|unknown|>"),
 ]
 
@@ -147,12 +158,14 @@ def main() -> int:
     cases = []
     for category, text in CORPUS:
         data = text.encode("utf-8")
-        cases.append({
-            "category": category,
-            "text": text,
-            "ids": llm.tokenize(data, add_bos=False, special=False),
-            "ids_special": llm.tokenize(data, add_bos=False, special=True),
-        })
+        cases.append(
+            {
+                "category": category,
+                "text": text,
+                "ids": llm.tokenize(data, add_bos=False, special=False),
+                "ids_special": llm.tokenize(data, add_bos=False, special=True),
+            }
+        )
     fixture = {
         "llama_cpp_version": llama_cpp.__version__,
         "gguf": gguf.name,

@@ -93,35 +93,52 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     try:
         if args.path is None:
             _note(f"importing the default model ({args.precision}) into {store.root}")
-            target = store.import_default(args.precision, progress=progress,
-                                          say=lambda msg: progress.message(f"  {msg}"))
+            target = store.import_default(
+                args.precision, progress=progress, say=lambda msg: progress.message(f"  {msg}")
+            )
         else:
             src = Path(args.path)
             _note(f"importing {src.name} ({args.precision}) into {store.root}")
-            target = store.import_gguf(src, precision=args.precision, name=args.name, progress=progress,
-                                       make_default=args.default)
+            target = store.import_gguf(
+                src, precision=args.precision, name=args.name, progress=progress, make_default=args.default
+            )
     finally:
         progress.close()
     took = time.monotonic() - t0
     m = ModelManifest.read(target)
     rebuilt = "tokenizer" in progress.stages
     is_default = store.default_dir() == target
-    print(f"{'imported' if rebuilt else 'already imported (same source file)'}: {target.absolute()}"
-          f"{' (default model)' if is_default else ''}")
+    print(
+        f"{'imported' if rebuilt else 'already imported (same source file)'}: {target.absolute()}"
+        f"{' (default model)' if is_default else ''}"
+    )
     exact = "yes" if m.exact_weights else "no"
-    print(f"{m.name}: {m.precision} from {m.source_quant}, exact weights {exact}, "
-          f"{human_size(dir_size(target))} on disk, took {took:.1f} s")
+    print(
+        f"{m.name}: {m.precision} from {m.source_quant}, exact weights {exact}, "
+        f"{human_size(dir_size(target))} on disk, took {took:.1f} s"
+    )
     return 0
 
 
 def _model_rows(store: ModelStore) -> list[dict[str, Any]]:
     default = store.default_dir()
-    return [{
-        "id": d.name, "name": m.name, "precision": m.precision, "source_quant": m.source_quant,
-        "context_length": m.context_length, "size_bytes": dir_size(d), "exact_weights": m.exact_weights,
-        "architecture": m.architecture, "n_layer": m.n_layer, "source_file": m.source_file,
-        "default": d == default, "path": str(d),
-    } for d, m in store.list()]
+    return [
+        {
+            "id": d.name,
+            "name": m.name,
+            "precision": m.precision,
+            "source_quant": m.source_quant,
+            "context_length": m.context_length,
+            "size_bytes": dir_size(d),
+            "exact_weights": m.exact_weights,
+            "architecture": m.architecture,
+            "n_layer": m.n_layer,
+            "source_file": m.source_file,
+            "default": d == default,
+            "path": str(d),
+        }
+        for d, m in store.list()
+    ]
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
@@ -134,8 +151,17 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         _note(f"no models in {store.root}; run `{PROG} model import --default` to add one")
         return 0
     header = ("", "NAME", "PRECISION", "SOURCE", "CONTEXT", "SIZE")
-    table = [header] + [("*" if r["default"] else "", r["name"], r["precision"], r["source_quant"],
-                         str(r["context_length"]), human_size(r["size_bytes"])) for r in rows]
+    table = [header] + [
+        (
+            "*" if r["default"] else "",
+            r["name"],
+            r["precision"],
+            r["source_quant"],
+            str(r["context_length"]),
+            human_size(r["size_bytes"]),
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -147,9 +173,15 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 def _sampling(args: argparse.Namespace) -> SamplingParams:
     from llmos.engine.sampling import SamplingParams
 
-    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-               "top_p": args.top_p, "seed": args.seed, "stop": args.stop,
-               "repetition_penalty": args.repeat_penalty}
+    options = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+        "repetition_penalty": args.repeat_penalty,
+    }
     return SamplingParams.of(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -161,9 +193,11 @@ def _load_engine(args: argparse.Namespace) -> LLMEngine:
 
 
 def _stats_line(usage: Any, reason: Any) -> str:
-    return (f"[prompt {usage.prompt_tokens} tokens, completion {usage.completion_tokens} tokens, "
-            f"TTFT {usage.ttft_s * 1000:.0f} ms, decode {usage.decode_tok_s:.1f} tok/s, "
-            f"finish {getattr(reason, 'value', reason)}]")
+    return (
+        f"[prompt {usage.prompt_tokens} tokens, completion {usage.completion_tokens} tokens, "
+        f"TTFT {usage.ttft_s * 1000:.0f} ms, decode {usage.decode_tok_s:.1f} tok/s, "
+        f"finish {getattr(reason, 'value', reason)}]"
+    )
 
 
 def _stream_to(out: TextIO, chunks: Iterator[Any]) -> tuple[str, Any, Any]:
@@ -194,8 +228,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.raw:
         prompt: Any = text
     else:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                 [{"role": "user", "content": text}]
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": text}
+        ]
     out, usage, reason = _stream_to(sys.stdout, engine.stream(prompt, params))
     if not out.endswith("\n"):
         sys.stdout.write("\n")
@@ -216,8 +251,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        _note(f"chatting with {engine.manifest.name} ({engine.manifest.precision}); "
-              "/reset starts over, /quit or Ctrl-D leaves")
+        _note(
+            f"chatting with {engine.manifest.name} ({engine.manifest.precision}); "
+            "/reset starts over, /quit or Ctrl-D leaves"
+        )
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     while True:
@@ -271,12 +308,14 @@ def _read_turn(interactive: bool) -> str | None:
 # -- argument parsing ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     store = argparse.ArgumentParser(add_help=False)
-    store.add_argument("--store", metavar="DIR",
-                       help="model store root (default: $LLMOS_MODEL_DIR or ~/.cache/llmos/models)")
+    store.add_argument(
+        "--store", metavar="DIR", help="model store root (default: $LLMOS_MODEL_DIR or ~/.cache/llmos/models)"
+    )
 
     gen = argparse.ArgumentParser(add_help=False, parents=[store])
-    gen.add_argument("--model", "-m", metavar="NAME",
-                     help="model name or directory (default: the default model)")
+    gen.add_argument(
+        "--model", "-m", metavar="NAME", help="model name or directory (default: the default model)"
+    )
     gen.add_argument("--max-tokens", type=int, metavar="N", help="most tokens to generate (default 256)")
     gen.add_argument("--temperature", "-t", type=float, metavar="T", help="0 is greedy (the default)")
     gen.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (0 = off)")
@@ -285,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, metavar="N", help="makes sampled output reproducible")
     gen.add_argument("--stop", action="append", metavar="S", help="stop at this text (repeatable)")
     gen.add_argument("--system", metavar="TEXT", help="a system message before the conversation")
-    gen.add_argument("--threads", type=_positive_int, default=0, metavar="N",
-                     help="CPU threads (0 = all cores)")
+    gen.add_argument(
+        "--threads", type=_positive_int, default=0, metavar="N", help="CPU threads (0 = all cores)"
+    )
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats line on stderr")
 
     parser = argparse.ArgumentParser(prog=PROG, description="Manage and run llmos models.")
@@ -294,27 +334,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="import and list models")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    imp = msub.add_parser("import", parents=[store], help="import a GGUF file (or the default model)",
-                          description="Import a GGUF file into the model store, or fetch the default model.")
+    imp = msub.add_parser(
+        "import",
+        parents=[store],
+        help="import a GGUF file (or the default model)",
+        description="Import a GGUF file into the model store, or fetch the default model.",
+    )
     imp.add_argument("path", nargs="?", metavar="PATH.gguf", help="the GGUF file to import")
-    imp.add_argument("--default", action="store_true",
-                     help="without PATH: fetch and import the default model; with PATH: make it the default")
-    imp.add_argument("--precision", choices=PRECISIONS, default="int4",
-                     help="weights precision (default int4)")
+    imp.add_argument(
+        "--default",
+        action="store_true",
+        help="without PATH: fetch and import the default model; with PATH: make it the default",
+    )
+    imp.add_argument(
+        "--precision", choices=PRECISIONS, default="int4", help="weights precision (default int4)"
+    )
     imp.add_argument("--name", help="name to import under (default: from the file name)")
     imp.set_defaults(func=cmd_model_import, usage=imp.format_usage)
     lst = msub.add_parser("list", parents=[store], help="list imported models")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=cmd_model_list, usage=lst.format_usage)
 
-    g = sub.add_parser("generate", parents=[gen], help="generate text from a prompt",
-                       description="Stream a completion to stdout; stats go to stderr.")
+    g = sub.add_parser(
+        "generate",
+        parents=[gen],
+        help="generate text from a prompt",
+        description="Stream a completion to stdout; stats go to stderr.",
+    )
     g.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     g.add_argument("prompt", help="the prompt, or - to read it from stdin")
     g.set_defaults(func=cmd_generate, usage=g.format_usage)
 
-    c = sub.add_parser("chat", parents=[gen], help="an interactive multi-turn chat",
-                       description="Chat on stdin/stdout: /reset starts over, /quit or EOF leaves.")
+    c = sub.add_parser(
+        "chat",
+        parents=[gen],
+        help="an interactive multi-turn chat",
+        description="Chat on stdin/stdout: /reset starts over, /quit or EOF leaves.",
+    )
     c.set_defaults(func=cmd_chat, usage=c.format_usage)
     return parser
 
