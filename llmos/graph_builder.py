@@ -31,7 +31,7 @@ OPSET = 21
 MS = "com.microsoft"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 3  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 4  # bump when the graph changes, so imports are redone
 
 
 @dataclass
@@ -87,7 +87,6 @@ class LlamaGraphBuilder:
         precision: Precision,
         accuracy_level: int = 4,
         progress: Callable[[int, int], None] | None = None,
-        accuracy_overrides: dict[str, int] | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -95,8 +94,6 @@ class LlamaGraphBuilder:
         self.hp: LlamaHParams = gguf.hparams()
         self.precision = precision
         self.accuracy_level = accuracy_level
-        # per projection role ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down", "lm_head")
-        self.accuracy_overrides = accuracy_overrides or {}
         self.progress = progress or (lambda _i, _n: None)
         self.g = _Graph()
         self.report = BuildReport(precision=precision)
@@ -135,39 +132,40 @@ class LlamaGraphBuilder:
             exact=all(p.exact for p in parts),
         )
 
-    def _accuracy(self, tag: str) -> int:
-        return self.accuracy_overrides.get(tag.rsplit(".", 1)[-1], self.accuracy_level)
+    def _block_indicator(self, k: int) -> str:
+        """E [K, K/32] with E[i, b] = 1 when element i is in block b: x @ E gives the block sums."""
+        name = f"block_indicator.{k}"
+        if not any(t.name == name for t in self.g.inits):
+            e = np.zeros((k, k // BLOCK), dtype=np.float32)
+            e[np.arange(k), np.arange(k) // BLOCK] = 1.0
+            self.g.init(name, e)
+        return name
 
     def _linear(self, x: str, names: list[str], tag: str) -> str:
-        """y = x @ W^T for the stacked GGUF matrices `names` (each [N_i, K])."""
+        """y = x @ W^T for the stacked GGUF matrices `names` (each [N_i, K]); x is 2-D [tokens, K]."""
         g = self.g
         if self.precision == "fp32":
             w = np.concatenate([dequantize(self._tensor(n)) for n in names])  # [N, K]
             return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
         p = self._pack(names)
-        sub = int(os.environ.get("LLMOS_SUBBLOCK", "32"))
-        split = BLOCK // sub
-        b = g.init(f"{tag}.qweight", p.packed.reshape(p.n, p.k // sub, -1))
-        s = g.init(f"{tag}.scales", np.repeat(p.scales, split, axis=1))
         y = g.op(
             "MatMulNBits",
-            [x, b, s],
+            [x, g.init(f"{tag}.qweight", p.packed), g.init(f"{tag}.scales", p.scales)],
             domain=MS,
             K=p.k,
             N=p.n,
             bits=p.bits,
-            block_size=sub,
-            accuracy_level=self._accuracy(tag),
+            block_size=BLOCK,
+            accuracy_level=self.accuracy_level,
         )[0]
         if p.correction is None:
             return y
-        # Exact Q4_1: add blocksum(x) @ C^T, C = m + d*(z - off) per block (see quant.py).
+        # Exact Q4_1: y += blocksum(x) @ C^T with C = m + d*(z - off) per block (see quant.py). The block
+        # sums are of the exact activations, so this term adds no rounding of its own; Gemm folds the add.
         self.report.corrected_matrices += 1
-        nb = p.k // BLOCK
-        blocks = g.op("Reshape", [x, g.const(np.array([0, 0, nb, BLOCK], dtype=np.int64))])[0]
-        sums = g.op("ReduceSum", [blocks, g.const(np.array([-1], dtype=np.int64))], keepdims=0)[0]
-        corr = g.op("MatMul", [sums, g.init(f"{tag}.correction", np.ascontiguousarray(p.correction.T))])[0]
-        return g.op("Add", [y, corr])[0]
+        sums = g.op("MatMul", [x, self._block_indicator(p.k)])[0]
+        ct = g.init(f"{tag}.correction", np.ascontiguousarray(p.correction.T))
+        return g.op("Gemm", [sums, ct, y])[0]
 
     def _bias(self, y: str, names: list[str], tag: str) -> str:
         if not self.hp.attention_bias:
@@ -228,12 +226,10 @@ class LlamaGraphBuilder:
             N=hp.n_vocab,
             bits=8,
             block_size=BLOCK,
-            accuracy_level=self._accuracy("lm_head"),
+            accuracy_level=self.accuracy_level,
         )[0]
         if emb_packed.correction is not None:
-            nb = hp.n_embd // BLOCK
-            blocks = g.op("Reshape", [x, g.const(np.array([0, 0, nb, BLOCK], dtype=np.int64))])[0]
-            sums = g.op("ReduceSum", [blocks, g.const(np.array([-1], dtype=np.int64))], keepdims=0)[0]
+            sums = g.op("MatMul", [x, self._block_indicator(hp.n_embd)])[0]
             ct = g.init("lm_head.correction", np.ascontiguousarray(emb_packed.correction.T))
             y = g.op("Add", [y, g.op("MatMul", [sums, ct])[0]])[0]
         return y
@@ -252,7 +248,16 @@ class LlamaGraphBuilder:
         g, hp = self.g, self.hp
         eps = float(hp.rms_eps)
         emb_packed, emb_name = self._embedding_table()
-        x = "inputs_embeds"
+        # The layers work on 2-D [tokens, features]: the Q4_1 correction folds into one Gemm there, and
+        # only attention needs the [batch, seq, features] view back.
+        i64 = np.int64
+        x = g.op("Reshape", ["inputs_embeds", g.const(np.array([-1, hp.n_embd], dtype=i64))])[0]
+        batch_seq = g.op(
+            "Slice",
+            [g.op("Shape", ["inputs_embeds"])[0], g.const(np.array([0], i64)), g.const(np.array([2], i64))],
+        )[0]
+        shape_3d = g.op("Concat", [batch_seq, g.const(np.array([-1], dtype=i64))], axis=0)[0]
+        shape_2d = g.const(np.array([-1, hp.n_head * hp.head_dim], dtype=i64))
         cos, sin = self._rope_cache()
         residual: str | None = None
         branch = x  # the output of the previous sub-block, not yet added to the residual stream
@@ -281,7 +286,7 @@ class LlamaGraphBuilder:
             attn, _, _ = g.op(
                 "GroupQueryAttention",
                 [
-                    qkv,
+                    g.op("Reshape", [qkv, shape_3d])[0],
                     "",
                     "",
                     f"past_key.{i}",
@@ -300,6 +305,7 @@ class LlamaGraphBuilder:
                 rotary_interleaved=1 if hp.architecture == "llama" else 0,
                 scale=float(1.0 / np.sqrt(hp.head_dim)),
             )
+            attn = g.op("Reshape", [attn, shape_2d])[0]
             o = self._linear(attn, [p + "attn_output.weight"], f"{p}attn_output")
             ffn_norm = g.init(f"{p}ffn_norm.weight", dequantize(self._tensor(p + "ffn_norm.weight")))
             normed, _, _, residual = g.op(
@@ -312,9 +318,9 @@ class LlamaGraphBuilder:
             self.progress(i + 1, hp.n_layer)
         assert residual is not None
         # Only the positions asked for reach the final norm and the head.
-        idx = g.op("Unsqueeze", ["logit_positions", g.const(np.array([-1], dtype=np.int64))])[0]
-        branch = g.op("GatherND", [branch, idx], batch_dims=1)[0]
-        residual = g.op("GatherND", [residual, idx], batch_dims=1)[0]
+        idx = g.op("Unsqueeze", ["logit_positions", g.const(np.array([-1], dtype=i64))])[0]
+        branch = g.op("GatherND", [g.op("Reshape", [branch, shape_3d])[0], idx], batch_dims=1)[0]
+        residual = g.op("GatherND", [g.op("Reshape", [residual, shape_3d])[0], idx], batch_dims=1)[0]
         out_norm = g.init("output_norm.weight", dequantize(self._tensor("output_norm.weight")))
         final, _, _, _ = g.op(
             "SkipSimplifiedLayerNormalization", [branch, residual, out_norm], n_out=4, domain=MS, epsilon=eps

@@ -225,3 +225,16 @@ def test_quantized_graphs_track_the_reference(tmp_path: Path, weight_type: str, 
     cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     assert cos.min() > 0.995
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_kv_pool_growth_mid_generation_changes_nothing(tmp_path: Path) -> None:
+    """The pool starts at 16 positions and doubles while sequences are prefilling and decoding."""
+    big, _ = _engine(tmp_path / "a")
+    small, _ = _engine(tmp_path / "b", kv_initial_len=16)
+    assert small.pool.capacity == 16
+    prompts = [PROMPT, PROMPT[:3], PROMPT * 2]
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    assert [c.token_ids for c in small.generate_batch(prompts, sp)] == [
+        c.token_ids for c in big.generate_batch(prompts, sp)
+    ]
+    assert small.pool.capacity >= len(PROMPT) * 2 + 40 and small.pool.generation >= 2

@@ -1,15 +1,17 @@
-"""KV memory: one preallocated pool of per-sequence slots, bound to the graph in place.
+"""KV memory: one pool of per-sequence slots, bound to the graph in place, grown on demand.
 
-The pool is a single float32 array [layers, 2, slots, kv_heads, max_len + 1, head_dim]. GroupQueryAttention
+The pool is a single float32 array [layers, 2, slots, kv_heads, capacity + 1, head_dim]. GroupQueryAttention
 reads `past_*` and writes `present_*` into the same memory, so no step copies the cache. Rows of one layer
-are contiguous by slot, so a batch of sequences in slots a..b is one view. `np.zeros` memory is mapped
-lazily by the kernel: only the positions a sequence really fills become resident, which lets the pool be
-sized for the whole context without paying for it up front. The pool is a plain anonymous mmap rather than
-`np.zeros`: numpy advises transparent huge pages for large arrays, and then touching the first position of
-a head's 2 MiB region would make the whole region resident.
+are contiguous by slot, so a batch of sequences in slots a..b is one view.
 
-One extra position per slot (max_len + 1) lets a batched decode step write a throw-away row into a slot
-that is only filling a gap in the batch, at that slot's current length, without ever running off its end.
+Memory: the array is a plain anonymous mmap, so only the positions a sequence really fills become
+resident. (Not `np.zeros`: numpy advises transparent huge pages for large arrays, and then touching the
+first position of a head's 2 MiB region makes the whole region resident.) The capacity starts small and
+doubles up to the context length when a sequence needs more, because onnxruntime's attention scratch
+space grows with the capacity (tokens x heads x capacity floats), not with the positions in use.
+
+One extra position per slot (capacity + 1) lets a batched decode step write a throw-away row into a slot
+that only fills a gap in the batch, at that slot's current length, without ever running off its end.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmos.errors import CapacityError, ContextOverflowError
+
+GROWTH_ALIGN = 16  # capacities are multiples of this
 
 
 @dataclass
@@ -32,12 +36,14 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
+        """The most positions this sequence may ever hold (the context length)."""
         return self.pool.max_len
 
     def reserve(self, n_new: int) -> None:
-        """Check `n_new` more positions fit; a prompt is never silently cut."""
+        """Make room for `n_new` more positions; a prompt is never silently cut."""
         if self.length + n_new > self.capacity:
             raise ContextOverflowError(self.length + n_new, self.capacity, "sequence")
+        self.pool.ensure(self.length + n_new)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (the memory is overwritten by the next write)."""
@@ -59,17 +65,39 @@ class KVCache:
 
 
 class KVPool:
-    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, max_len: int, slots: int) -> None:
+    def __init__(
+        self, n_layer: int, n_head_kv: int, head_dim: int, max_len: int, slots: int, initial_len: int = 1024
+    ) -> None:
         if slots < 1 or max_len < 1:
             raise ValueError("a KV pool needs at least one slot and one position")
         self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
         self.max_len, self.slots = max_len, slots
-        shape = (n_layer, 2, slots, n_head_kv, max_len + 1, head_dim)
-        self._map = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.data = np.frombuffer(self._map, dtype=np.float32).reshape(shape)  # zero-filled by the kernel
         self.bytes_per_token = n_layer * 2 * n_head_kv * head_dim * 4
+        self.generation = 0  # bumped when the array is replaced, so bindings are redone
+        self.capacity = 0
+        self.data = self._allocate(min(max_len, max(initial_len, 1)))
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest slot first
         self._owners: dict[int, KVCache] = {}
+
+    def _allocate(self, capacity: int) -> np.ndarray:
+        shape = (self.n_layer, 2, self.slots, self.n_head_kv, capacity + 1, self.head_dim)
+        self._map = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.capacity = capacity
+        return np.frombuffer(self._map, dtype=np.float32).reshape(shape)  # zero-filled by the kernel
+
+    def ensure(self, length: int) -> None:
+        """Grow the capacity to hold `length` positions, copying every live sequence across."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ContextOverflowError(length, self.max_len, "sequence")
+        want = -(-max(2 * self.capacity, length) // GROWTH_ALIGN) * GROWTH_ALIGN
+        old = self.data
+        new = self._allocate(min(self.max_len, want))
+        for slot, cache in self._owners.items():
+            new[:, :, slot, :, : cache.length] = old[:, :, slot, :, : cache.length]
+        self.data = new
+        self.generation += 1
 
     def allocate(self) -> KVCache:
         if not self._free:
@@ -93,5 +121,5 @@ class KVPool:
         return len(self._owners)
 
     def layer_view(self, layer: int, kind: int, first_slot: int, n_slots: int) -> np.ndarray:
-        """[n_slots, kv_heads, max_len + 1, head_dim] contiguous view for binding (kind 0 = K, 1 = V)."""
+        """[n_slots, kv_heads, capacity + 1, head_dim] contiguous view for binding (kind 0 = K, 1 = V)."""
         return self.data[layer, kind, first_slot : first_slot + n_slots]

@@ -28,6 +28,8 @@ from llmos.manifest import ModelManifest
 from llmos.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict]
+ATTENTION_SCRATCH = 32 << 20
+MIN_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class LLMEngine:
         threads: int = 0,
         max_batch: int = 8,
         max_context: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 256,
+        kv_initial_len: int = 1024,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         warmup: bool = True,
     ) -> None:
@@ -71,7 +74,7 @@ class LLMEngine:
         if prefill_chunk < 1:
             raise InvalidSamplingError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
-        self.pool = KVPool(m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch)
+        self.pool = KVPool(m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch, kv_initial_len)
         self.runner = ModelRunner(
             self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers)
         )
@@ -169,7 +172,9 @@ class LLMEngine:
 
     def _prefill_step(self, seq: Sequence) -> list[tuple[Sequence, str]]:
         t0 = time.perf_counter()
-        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
+        if seq.prefilled == 0:
+            seq.cache.reserve(len(seq.prompt_ids) + 1)  # grow the pool once, before choosing the chunk
+        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self._chunk_size()]
         logits = self.runner.prefill(seq.cache, chunk)
         seq.prefilled += len(chunk)
         seq.usage.prefill_s += time.perf_counter() - t0
@@ -183,6 +188,12 @@ class LLMEngine:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         return [(seq, delta)]
+
+    def _chunk_size(self) -> int:
+        """Prefill chunk: as asked, but small enough that attention scratch (tokens x heads x capacity
+        floats, allocated by onnxruntime) stays under ATTENTION_SCRATCH bytes on long contexts."""
+        per_token = self.manifest.n_head * (self.pool.capacity + 1) * 4
+        return max(MIN_CHUNK, min(self.prefill_chunk, ATTENTION_SCRATCH // per_token))
 
     def _decode_step(self) -> list[tuple[Sequence, str]]:
         t0 = time.perf_counter()

@@ -66,7 +66,9 @@ class ModelRunner:
         self._total = np.zeros((), dtype=np.int32)
         self._logits = np.zeros((slots, 1, self.vocab), dtype=np.float32)
         self._io = self.session.io_binding()
-        self._bound: tuple[int, int] | None = None  # (first slot, batch) the decode binding is set up for
+        self._bound: tuple[int, int, int] | None = (
+            None  # (first slot, batch, pool generation) bound for decode
+        )
 
     # -- binding helpers ----------------------------------------------------------------------------------
     def _bind(self, name: str, arr: np.ndarray, output: bool = False) -> None:
@@ -116,14 +118,14 @@ class ModelRunner:
             c.reserve(1)
         slots = [c.slot for c in caches]
         first, n = min(slots), max(slots) - min(slots) + 1
-        if self._bound != (first, n):
+        if self._bound != (first, n, self.pool.generation):
             self._bind("inputs_embeds", self._embeds[:n])
             self._bind("logit_positions", self._pos[:n])
             self._bind("seqlens_k", self._seqlens[:n])
             self._bind("total_sequence_length", self._total)
             self._bind("logits", self._logits[:n], output=True)
             self._bind_kv(first, n)
-            self._bound = (first, n)
+            self._bound = (first, n, self.pool.generation)
         if len(caches) < n:
             for row in range(n):  # gap rows: write at the occupant's length (harmless), or at 0 if free
                 occupant = self.pool.occupant(first + row)
