@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up this checkout on a fresh Debian machine: system packages, the .venv, llmos and its extras.
+# Idempotent: a second run only checks. Usage: scripts/setup.sh [EXTRAS], e.g. scripts/setup.sh test,bench
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+
+missing=()
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+if [[ ",$extras," == *",bench,"* ]]; then  # llama-cpp-python (the peer) compiles from source
+  for tool in gcc g++ cmake make; do
+    command -v "$tool" >/dev/null 2>&1 || { missing+=(build-essential cmake); break; }
+  done
+fi
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv" >&2
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+spec="."
+[[ -n "$extras" ]] && spec=".[${extras}]"
+echo "setup: installing llmos${extras:+ with extras [$extras]} into .venv (llama-cpp-python compiles for ~7 min the first time)" >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
