@@ -32,7 +32,7 @@ NATIVE_BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
 
 @dataclass
 class PackedMatrix:
-    """A weight W [N, K] (out, in) in MatMulNBits form: W[n, k] = scales[n, b] * (u[n, k] - z) + corr[n, b]."""
+    """W [N, K] (out, in) in MatMulNBits form: W[n, k] = scales[n, b] * (u[n, k] - z) + corr[n, b]."""
 
     n: int
     k: int
