@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmos.default_model import DEFAULT_MODEL_NAME, default_gguf_path, sha256_file
-from llmos.errors import LlmosError, ModelImportError, ModelNotFoundError
+from llmos.errors import LlmosError, ModelFormatError, ModelImportError, ModelNotFoundError
 from llmos.gguf_file import GGUFFile
 from llmos.graph_builder import BUILDER_VERSION, PRECISIONS, Precision, build_onnx
 from llmos.manifest import MANIFEST_FILE, ModelManifest
@@ -106,8 +106,8 @@ class ModelStore:
             raise ModelImportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         step = progress or (lambda _s, _d, _t: None)
         src = Path(source)
-        gguf = GGUFFile(src)  # validates the file before anything is written
-        hp = gguf.hparams()
+        if not src.is_file():
+            raise ModelFormatError(f"{src}: no such model file")
         model_name = name or _slug(src.stem)
         target = self.root / f"{_slug(model_name)}--{precision}"
         step("hash", 0, 1)
@@ -116,13 +116,12 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock():
             self._clean_stale()
-            if (target / MANIFEST_FILE).is_file():
-                with contextlib.suppress(LlmosError):
-                    old = ModelManifest.read(target)
-                    if old.source_sha256 == digest and old.builder_version == BUILDER_VERSION:
-                        if make_default:
-                            self._write_pointer(target)
-                        return target  # already imported: idempotent
+            if self._is_current(target, digest):
+                if make_default:
+                    self._write_pointer(target)
+                return target  # already imported: idempotent, and no need to parse the GGUF again
+            gguf = GGUFFile(src)  # validates the file before anything is written
+            hp = gguf.hparams()
             tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
             try:
                 self._build(gguf, hp, src, digest, model_name, precision, tmp, step)
@@ -133,6 +132,16 @@ class ModelStore:
             if make_default:
                 self._write_pointer(target)
         return target
+
+    @staticmethod
+    def _is_current(target: Path, digest: str) -> bool:
+        if not (target / MANIFEST_FILE).is_file():
+            return False
+        try:
+            old = ModelManifest.read(target)
+        except LlmosError:
+            return False
+        return old.source_sha256 == digest and old.builder_version == BUILDER_VERSION
 
     def _build(
         self,

@@ -25,8 +25,16 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv" >&2
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 spec="."
 [[ -n "$extras" ]] && spec=".[${extras}]"
-echo "setup: installing llmos${extras:+ with extras [$extras]} into .venv (llama-cpp-python compiles for ~7 min the first time)" >&2
-.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+note=""
+[[ ",$extras," == *",bench,"* ]] && note=" (the first time, llama-cpp-python compiles for about 7 minutes)"
+echo "setup: installing llmos${extras:+ with extras [$extras]} into .venv$note" >&2
+# pip's own chatter (build-backend notices) goes to a log, shown only if the install fails.
+log=.venv/pip-install.log
+if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
+       .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: pip install failed (log above, also in $log)" >&2
+  exit 1
+fi
