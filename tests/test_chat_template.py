@@ -6,8 +6,8 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-import gguf
 import pytest
+from gguf_files import write_metadata_gguf
 
 from llmos.chat_template import DEFAULT_CHATML_TEMPLATE, ChatTemplate
 from llmos.errors import ChatTemplateError
@@ -24,20 +24,7 @@ def smol(default_gguf: Path) -> ChatTemplate:
     return ChatTemplate.from_gguf(GGUFFile(default_gguf))
 
 
-def _write_gguf(path: Path, kv: dict[str, Any]) -> GGUFFile:
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    for key, value in kv.items():
-        if isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return GGUFFile(path)
+_write_gguf = write_metadata_gguf
 
 
 # -- SmolLM2's own template ---------------------------------------------------------------------------

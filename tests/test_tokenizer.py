@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import gguf
 import pytest
+from gguf_files import write_metadata_gguf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -242,22 +242,7 @@ def _good_kv() -> dict[str, Any]:
     }
 
 
-def _write_gguf(path: Path, kv: dict[str, Any]) -> GGUFFile:
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    for key, value in kv.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return GGUFFile(path)
+_write_gguf = write_metadata_gguf
 
 
 def _tiny(tmp_path: Path, **changes: Any) -> Tokenizer:
