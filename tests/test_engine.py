@@ -7,6 +7,7 @@ tokens as the plain one.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from reference_llama import ReferenceLlama
 
 from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sampling import SamplingParams
-from llmos.errors import ContextOverflowError, InvalidSamplingError
+from llmos.errors import ContextOverflowError, InvalidSamplingError, ModelFormatError, ModelUnavailableError
 from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
 
@@ -238,3 +239,15 @@ def test_kv_pool_growth_mid_generation_changes_nothing(tmp_path: Path) -> None:
         c.token_ids for c in big.generate_batch(prompts, sp)
     ]
     assert small.pool.capacity >= len(PROMPT) * 2 + 40 and small.pool.generation >= 2
+
+
+def test_a_damaged_model_directory_is_a_named_error(tmp_path: Path) -> None:
+    engine, _ = _engine(tmp_path / "ok")
+    broken = tmp_path / "broken"
+    shutil.copytree(engine.model_dir, broken)
+    (broken / "model.onnx.data").write_bytes(b"")  # weights lost
+    with pytest.raises(ModelUnavailableError, match="could not load"):
+        LLMEngine(broken, warmup=False)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(ModelFormatError, match="not a model directory"):
+        LLMEngine(broken, warmup=False)

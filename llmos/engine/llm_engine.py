@@ -147,7 +147,7 @@ class LLMEngine:
         seq.finish(FinishReason.CANCELLED)
         self._retire(seq)
 
-    def _retire(self, seq: Sequence, keep_cache: bool = False) -> None:
+    def _retire(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:

@@ -66,9 +66,14 @@ class ModelRunner:
         self._total = np.zeros((), dtype=np.int32)
         self._logits = np.zeros((slots, 1, self.vocab), dtype=np.float32)
         self._io = self.session.io_binding()
-        self._bound: tuple[int, int, int] | None = (
-            None  # (first slot, batch, pool generation) bound for decode
-        )
+        # (first slot, batch, pool generation) the decode binding is set up for
+        self._bound: tuple[int, int, int] | None = None
+
+    def _run(self) -> None:
+        try:
+            self.session.run_with_iobinding(self._io)
+        except Exception as e:  # onnxruntime's own exception types; never a raw traceback to callers
+            raise ModelUnavailableError(f"inference failed in onnxruntime: {e}") from e
 
     # -- binding helpers ----------------------------------------------------------------------------------
     def _bind(self, name: str, arr: np.ndarray, output: bool = False) -> None:
@@ -103,7 +108,7 @@ class ModelRunner:
         self._bind("total_sequence_length", total)
         self._bind("logits", logits, output=True)
         self._bind_kv(cache.slot, 1)
-        self.session.run_with_iobinding(self._io)
+        self._run()
         cache.length = past + n
         return logits[0]
 
@@ -135,7 +140,7 @@ class ModelRunner:
         for c in caches:
             self._seqlens[c.slot - first] = c.length  # total length after this token, minus one
         self._total[...] = int(self._seqlens[:n].max()) + 1
-        self.session.run_with_iobinding(self._io)
+        self._run()
         for c in caches:
             c.length += 1
         return self._logits[[s - first for s in slots], 0]
