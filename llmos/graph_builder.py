@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import GGUFFile, LlamaHParams, TensorInfo
-from llmos.quant import BLOCK, PackedMatrix, dequantize, pack_matrix
+from llmos.quant import BLOCK, NATIVE_BITS, PackedMatrix, dequantize, pack_matrix
 
 Precision = Literal["int4", "int8", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("int4", "int8", "fp32")
@@ -31,7 +31,9 @@ OPSET = 21
 MS = "com.microsoft"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 4  # bump when the graph changes, so imports are redone
+# GGML types with more than 4 bits of precision that have no exact MatMulNBits form
+WIDE_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_1", "Q8_K"})
+BUILDER_VERSION = 5  # bump when the graph changes, so imports are redone
 
 
 @dataclass
@@ -103,10 +105,13 @@ class LlamaGraphBuilder:
         return self.gguf.tensor(name)
 
     def _bits_for(self, t: TensorInfo) -> int:
+        """int8 precision: 8 bits. int4: 4 bits for 4-bit sources, but sources of 5 bits or more (a Q8_0
+        or Q6_K output head, say) stay at 8 bits rather than being re-rounded to 4."""
         if self.precision == "int8":
             return 8
-        # int4 precision keeps 8-bit sources at 8 bits rather than re-rounding them (Q8_0 head/embedding).
-        return 8 if t.qtype.name in ("Q8_0", "F32", "F16", "BF16") and t.name == "token_embd.weight" else 4
+        if t.qtype in NATIVE_BITS:
+            return NATIVE_BITS[t.qtype]
+        return 8 if t.qtype.name in WIDE_TYPES else 4
 
     def _pack(self, names: list[str]) -> PackedMatrix:
         """Pack one or several matrices stacked on N (fused projections share their input)."""

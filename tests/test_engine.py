@@ -24,7 +24,13 @@ PROMPT = [1, 40, 77, 120, 9, 250, 33, 64, 201, 5, 18, 99]
 
 
 def _engine(
-    tmp: Path, *, arch: str = "llama", weight_type: str = "F32", precision: str = "fp32", **engine_kw: object
+    tmp: Path,
+    *,
+    arch: str = "llama",
+    weight_type: str = "F32",
+    precision: str = "fp32",
+    tied: bool = True,
+    **engine_kw: object,
 ) -> tuple[LLMEngine, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     gguf = write_random_gguf(
@@ -37,6 +43,7 @@ def _engine(
         n_head=4,
         n_head_kv=2,
         seed=7,
+        tied_embeddings=tied,
     )
     d = ModelStore(tmp / "store").import_gguf(gguf, precision=precision)  # type: ignore[arg-type]
     return LLMEngine(d, threads=1, warmup=False, **engine_kw), gguf  # type: ignore[arg-type]
@@ -251,3 +258,13 @@ def test_a_damaged_model_directory_is_a_named_error(tmp_path: Path) -> None:
     (broken / "manifest.json").unlink()
     with pytest.raises(ModelFormatError, match="not a model directory"):
         LLMEngine(broken, warmup=False)
+
+
+def test_untied_q8_0_head_stays_exact_in_the_int4_graph(tmp_path: Path) -> None:
+    """A Q4_1 file whose separate output.weight is Q8_0 (as llama.cpp writes them): nothing re-rounded."""
+    engine, gguf = _engine(tmp_path, weight_type="Q4_1", precision="int4", tied=False)
+    assert engine.manifest.exact_weights
+    want = ReferenceLlama.from_gguf(gguf).forward(PROMPT, 0, None)
+    got = engine.runner.prefill(engine.pool.allocate(), PROMPT, all_logits=True)
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cos.min() > 0.995
