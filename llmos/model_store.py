@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llmos.default_model import DEFAULT_MODEL_NAME, default_gguf_path, sha256_file
 from llmos.errors import LlmosError, ModelFormatError, ModelImportError, ModelNotFoundError
-from llmos.gguf_file import GGUFFile
+from llmos.gguf_file import GGUFFile, LlamaHParams
 from llmos.graph_builder import BUILDER_VERSION, PRECISIONS, Precision, build_onnx
 from llmos.manifest import MANIFEST_FILE, ModelManifest
 from llmos.paths import model_store_dir
@@ -146,7 +146,7 @@ class ModelStore:
     def _build(
         self,
         gguf: GGUFFile,
-        hp,
+        hp: LlamaHParams,
         src: Path,
         digest: str,
         name: str,
