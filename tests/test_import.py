@@ -83,23 +83,26 @@ def test_import_is_idempotent_and_atomic(tmp_path: Path, tiny: Path) -> None:
     assert sorted(p.name for p in store.root.iterdir()) == [".lock", d.name]
 
 
-def test_a_failed_build_leaves_nothing_and_keeps_the_old_model(
-    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_build_leaves_nothing_and_keeps_the_old_model(tmp_path: Path, tiny: Path) -> None:
     store = ModelStore(tmp_path / "store")
-    d = store.import_gguf(tiny)
+    d = store.import_gguf(tiny, name="Tiny")
     before = (d / "manifest.json").read_bytes()
-    other = write_random_gguf(tmp_path / "tiny.gguf.new", weight_type="Q4_1", seed=4)
-    os.replace(other, tiny)  # same name, different content: a re-import is due
-
-    def explode(*_a: object, **_k: object) -> None:
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr("llmos.model_store.build_onnx", explode)
-    with pytest.raises(Exception, match="disk on fire"):
-        store.import_gguf(tiny)
+    # Same name, new content that passes validation and fails half-way through the graph build (after the
+    # tokenizer is already written to the temporary directory).
+    odd = _rewrite(tiny, tmp_path / "odd.gguf", tensor_hook=_q8_1_down_projection)
+    with pytest.raises(UnsupportedModelError, match="Q8_1"):
+        store.import_gguf(odd, name="Tiny")
     assert (d / "manifest.json").read_bytes() == before  # the complete old model is untouched
     assert sorted(p.name for p in store.root.iterdir()) == [".lock", d.name]  # no temp dir left
+
+
+def _q8_1_down_projection(name: str, data: np.ndarray, qtype: GGMLQuantizationType):
+    """Turn one Q4_1 matrix into a same-shaped Q8_1 one: a type gguf cannot dequantize."""
+    if name != "blk.0.ffn_down.weight":
+        return data, qtype
+    rows = data.shape[0]
+    cols = data.size * 32 // 20 // rows  # Q4_1 is 20 bytes per 32 weights; Q8_1 is 40
+    return np.zeros((rows, cols // 32 * 40), dtype=np.uint8), GGMLQuantizationType.Q8_1
 
 
 def test_bad_magic_and_truncation_are_format_errors(tmp_path: Path, tiny: Path) -> None:
@@ -133,14 +136,7 @@ def test_unsupported_architecture_is_named(tmp_path: Path, tiny: Path) -> None:
 
 
 def test_unsupported_tensor_type_is_named(tmp_path: Path, tiny: Path) -> None:
-    def to_q8_1(name: str, data: np.ndarray, qtype: GGMLQuantizationType):
-        if name != "blk.0.ffn_down.weight":
-            return data, qtype
-        rows = data.shape[0]
-        cols = data.size * 32 // 20 // rows  # Q4_1 is 20 bytes per 32 weights; Q8_1 is 40
-        return np.zeros((rows, cols // 32 * 40), dtype=np.uint8), GGMLQuantizationType.Q8_1
-
-    odd = _rewrite(tiny, tmp_path / "q8_1.gguf", tensor_hook=to_q8_1)
+    odd = _rewrite(tiny, tmp_path / "q8_1.gguf", tensor_hook=_q8_1_down_projection)
     store = ModelStore(tmp_path / "store")
     with pytest.raises(UnsupportedModelError, match="Q8_1"):
         store.import_gguf(odd)
