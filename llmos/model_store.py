@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from llmos.default_model import DEFAULT_MODEL_NAME, default_gguf_path, sha256_file
+from llmos.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256, default_gguf_path, sha256_file
 from llmos.errors import LlmosError, ModelFormatError, ModelImportError, ModelNotFoundError
 from llmos.gguf_file import GGUFFile, LlamaHParams
 from llmos.graph_builder import BUILDER_VERSION, PRECISIONS, Precision, build_onnx
@@ -89,8 +89,10 @@ class ModelStore:
         progress: ImportProgress | None = None,
         say: Callable[[str], None] | None = None,
     ) -> Path:
-        gguf = default_gguf_path(say)
-        d = self.import_gguf(gguf, precision=precision, name=DEFAULT_MODEL_NAME, progress=progress)
+        gguf = default_gguf_path(say)  # verified against the pinned sha256 already: no second hash
+        d = self.import_gguf(
+            gguf, precision=precision, name=DEFAULT_MODEL_NAME, progress=progress, known_sha256=GGUF_SHA256
+        )
         self._write_pointer(d)
         return d
 
@@ -101,7 +103,9 @@ class ModelStore:
         name: str | None = None,
         progress: ImportProgress | None = None,
         make_default: bool = False,
+        known_sha256: str | None = None,
     ) -> Path:
+        """Import `source` as `<name>--<precision>`; `known_sha256` skips hashing a file just verified."""
         if precision not in PRECISIONS:
             raise ModelImportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         step = progress or (lambda _s, _d, _t: None)
@@ -111,7 +115,7 @@ class ModelStore:
         model_name = name or _slug(src.stem)
         target = self.root / f"{_slug(model_name)}--{precision}"
         step("hash", 0, 1)
-        digest = sha256_file(src)
+        digest = known_sha256 or sha256_file(src)
         step("hash", 1, 1)
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock():
