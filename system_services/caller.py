@@ -1,0 +1,90 @@
+"""Who is calling: the sender of the current method call, and its uid, pid and app id.
+
+dbus-fast does not pass the incoming message to method code, so a message handler stores every
+METHOD_CALL in a ContextVar just before the library dispatches it (DESIGN §4b); async methods inherit it
+because their task is created after the handler ran.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextvars
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message, MessageType
+
+current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("llmos_call", default=None)
+
+_FLATPAK_SCOPE = re.compile(r"app-flatpak-([A-Za-z0-9_.\-]+?)-\d+\.scope")
+_SNAP_SCOPE = re.compile(r"snap\.([A-Za-z0-9_\-]+)\.")
+
+
+def install_caller_tracking(bus: Any) -> None:
+    def remember(msg: Message) -> None:
+        if msg.message_type == MessageType.METHOD_CALL:
+            current_message.set(msg)
+        return None  # never handles the message itself
+
+    bus.add_message_handler(remember)
+
+
+def current_sender() -> str:
+    msg = current_message.get()
+    if msg is None or not msg.sender:
+        raise RuntimeError("no D-Bus method call is being handled")
+    return msg.sender
+
+
+@dataclass(frozen=True)
+class Caller:
+    unique_name: str
+    uid: int | None
+    pid: int | None
+    app_id: str
+
+
+def app_id_for_pid(pid: int | None) -> str:
+    """Flatpak app id, else snap name, else the executable's name; "unknown" when /proc tells nothing."""
+    if pid is None:
+        return "unknown"
+    info = f"/proc/{pid}/root/.flatpak-info"
+    try:
+        parser = configparser.ConfigParser()
+        if parser.read(info) and parser.has_option("Application", "name"):
+            return parser.get("Application", "name")
+    except (OSError, configparser.Error):
+        pass
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+            cgroup = f.read()
+        if m := _FLATPAK_SCOPE.search(cgroup):
+            return m.group(1)
+        if m := _SNAP_SCOPE.search(cgroup):
+            return f"snap.{m.group(1)}"
+    except OSError:
+        pass
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")) or "unknown"
+    except OSError:
+        return "unknown"
+
+
+async def identify(bus: Any, sender: str) -> Caller:
+    """Ask the bus for the sender's credentials (GetConnectionCredentials) and derive its app id."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="GetConnectionCredentials",
+            signature="s",
+            body=[sender],
+        )
+    )
+    creds = reply.body[0] if reply.message_type == MessageType.METHOD_RETURN and reply.body else {}
+    uid = creds["UnixUserID"].value if "UnixUserID" in creds else None
+    pid = creds["ProcessID"].value if "ProcessID" in creds else None
+    return Caller(unique_name=sender, uid=uid, pid=pid, app_id=app_id_for_pid(pid))

@@ -1,0 +1,65 @@
+"""llmosd's configuration: TOML validated by pydantic, with defaults that work with no file at all."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmos.errors import LlmosError
+
+DEFAULT_CONFIG = Path("/etc/llmos/llmosd.toml")
+
+
+class ConfigError(LlmosError):
+    """The configuration file is unreadable or invalid."""
+
+    dbus_name = "InvalidArgument"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # a model directory or name in the store; None = the store's default
+    model_dir: Path | None = None  # the model store root; None = the per-user store (session bus)
+    threads: int = Field(0, ge=0, le=256)  # 0 = all available cores
+    max_batch: int = Field(8, ge=1, le=64)
+    context_length: int | None = Field(None, ge=64)  # None = the model's own
+    prefill_chunk: int = Field(256, ge=16, le=8192)
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(4096, ge=1)  # the most any one request may ask for
+    sessions_per_connection: int = Field(32, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+
+
+class DaemonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = EngineConfig()
+    limits: LimitsConfig = LimitsConfig()
+    watchdog_interval_s: float = Field(10.0, gt=0)
+
+    @classmethod
+    def load(cls, path: Path | None) -> DaemonConfig:
+        """Read `path` (or the default path if it exists); a missing default file means all defaults."""
+        target = path or DEFAULT_CONFIG
+        if path is None and not target.exists():
+            return cls()
+        try:
+            data = tomllib.loads(target.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{target}: no such configuration file") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{target}: unreadable configuration ({e})") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            )
+            raise ConfigError(f"{target}: invalid configuration: {problems}") from None

@@ -1,0 +1,197 @@
+"""llmosd: host one model and serve it on D-Bus as org.llmos.LLM1.
+
+Start-up: configuration, then the model (loaded and warmed up before the name is taken, so READY means
+"answers now"), then the bus: the send-buffer guard, caller tracking, the objects, the watch on owners
+leaving, the name, READY=1. Inference runs on its own thread; the event loop only routes messages and
+pings the watchdog. SIGTERM cancels every request in flight (their callers get
+org.llmos.Error.Cancelled), sends STOPPING=1 and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag, RequestNameReply
+
+from llmos.engine.llm_engine import LLMEngine
+from llmos.errors import LlmosError
+from llmos.model_store import ModelStore
+from llmos.paths import SYSTEM_MODEL_DIR
+from system_services.caller import install_caller_tracking
+from system_services.config import DaemonConfig
+from system_services.dbus_errors import error
+from system_services.engine_worker import EngineWorker
+from system_services.llm_object import PATH, LLMObject
+from system_services.notify import sd_notify, watchdog_interval
+from system_services.ownership import Ownership
+from system_services.send_guard import guard_send_buffer
+from system_services.session_object import SessionObject
+
+BUS_NAME = "org.llmos.LLM1"
+log = logging.getLogger("llmosd")
+
+
+class Daemon:
+    """What the D-Bus objects share: the bus, the engine and its worker, sessions and their owners."""
+
+    def __init__(self, config: DaemonConfig, engine: LLMEngine, bus: MessageBus) -> None:
+        self.config, self.engine, self.bus = config, engine, bus
+        self.worker = EngineWorker(engine, asyncio.get_running_loop())
+        self.ownership = Ownership()
+        self.sessions: dict[str, SessionObject] = {}
+        self.state = "ready"
+        self._started = time.monotonic()
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    def check_session_quota(self, owner: str) -> None:
+        limit = self.config.limits.sessions_per_connection
+        if self.ownership.count(owner, SessionObject) >= limit:
+            raise error("QuotaExceeded", f"this connection already has {limit} sessions; close one first")
+
+    def add_session(self, session: SessionObject) -> None:
+        self.bus.export(session.path, session)
+        self.sessions[session.path] = session
+        self.ownership.add(session)
+
+    def remove_session(self, session: SessionObject) -> None:
+        self.sessions.pop(session.path, None)
+        self.ownership.remove(session)
+        self.bus.unexport(session.path, session)
+
+    def watch_owners(self) -> None:
+        """Close the objects of connections that leave the bus (NameOwnerChanged with no new owner)."""
+
+        def on_message(msg: Message) -> None:
+            if (
+                msg.message_type == MessageType.SIGNAL
+                and msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus"
+                and len(msg.body) == 3
+            ):
+                name, _old, new = msg.body
+                if name.startswith(":") and not new:
+                    self.ownership.owner_left(name)
+            return None
+
+        self.bus.add_message_handler(on_message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="llmosd", description="Serve the llmos model on D-Bus as org.llmos.LLM1."
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--system", action="store_true", help="the system bus (the default under systemd)")
+    where.add_argument("--session", action="store_true", help="the session bus (development)")
+    where.add_argument("--address", help="a specific bus address, e.g. unix:path=/tmp/bus")
+    p.add_argument(
+        "--config", type=Path, help="configuration file (default /etc/llmos/llmosd.toml if present)"
+    )
+    p.add_argument("--model", help="model name or directory (default: the store's default model)")
+    p.add_argument("--store", type=Path, help="model store root")
+    p.add_argument("--threads", type=int, help="CPU threads for inference (default: all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def load_engine(args: argparse.Namespace, config: DaemonConfig) -> LLMEngine:
+    ec = config.engine
+    store_root = args.store or ec.model_dir or (SYSTEM_MODEL_DIR if args.system else None)
+    model_dir = ModelStore(store_root).resolve(args.model or ec.model)
+    log.info("loading %s", model_dir)
+    return LLMEngine(
+        model_dir,
+        threads=args.threads if args.threads is not None else ec.threads,
+        max_batch=ec.max_batch,
+        max_context=ec.context_length,
+        prefill_chunk=ec.prefill_chunk,
+    )
+
+
+async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
+    engine = await asyncio.to_thread(load_engine, args, config)
+    bus_type = BusType.SYSTEM if args.system else BusType.SESSION
+    bus = await MessageBus(bus_type=bus_type, bus_address=args.address).connect()
+    guard_send_buffer(bus)
+    install_caller_tracking(bus)
+    daemon = Daemon(config, engine, bus)
+    bus.export(PATH, LLMObject(daemon))
+    daemon.watch_owners()
+    await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
+        )
+    )
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        log.error("%s is already owned on this bus (another llmosd?)", BUS_NAME)
+        daemon.worker.stop()
+        bus.disconnect()
+        return 1
+    log.info(
+        "serving %s (%s, %s) as %s",
+        engine.manifest.name,
+        engine.manifest.precision,
+        engine.runner.provider,
+        BUS_NAME,
+    )
+    sd_notify("READY=1")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    pinger = loop.create_task(_watchdog(watchdog_interval() or config.watchdog_interval_s))
+    await stop.wait()
+
+    log.info("stopping: cancelling %d request(s) in flight", daemon.worker.active_jobs())
+    sd_notify("STOPPING=1")
+    daemon.state = "stopping"
+    await asyncio.to_thread(daemon.worker.stop)
+    await asyncio.sleep(0.2)  # let the Cancelled replies and Response signals go out
+    pinger.cancel()
+    bus.disconnect()
+    return 0
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = DaemonConfig.load(args.config)
+        return asyncio.run(serve(args, config))
+    except LlmosError as e:
+        log.error("%s", e)
+        return 1
+    except OSError as e:  # the bus is not there, a socket path is wrong, ...
+        log.error("cannot start: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

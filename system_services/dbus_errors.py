@@ -1,0 +1,37 @@
+"""Map llmos errors to named D-Bus errors: org.llmos.Error.<Name> with a human message, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from dbus_fast import DBusError
+
+from llmos.errors import LlmosError
+
+PREFIX = "org.llmos.Error."
+NAMES = (
+    "InvalidArgument",
+    "AccessDenied",
+    "NotFound",
+    "QuotaExceeded",
+    "ContextOverflow",
+    "Cancelled",
+    "ModelUnavailable",
+    "Busy",
+    "Failed",
+)
+log = logging.getLogger("llmosd")
+
+
+def error(name: str, message: str) -> DBusError:
+    assert name in NAMES, name
+    return DBusError(PREFIX + name, message)
+
+
+def to_dbus_error(e: BaseException) -> DBusError:
+    if isinstance(e, DBusError):
+        return e
+    if isinstance(e, LlmosError):
+        return error(e.dbus_name if e.dbus_name in NAMES else "Failed", str(e))
+    log.exception("unexpected error while handling a call", exc_info=e)
+    return error("Failed", f"internal error ({type(e).__name__}); the daemon logged the details")

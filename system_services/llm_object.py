@@ -1,0 +1,128 @@
+"""The service's front object: /org/llmos/LLM1, org.llmos.LLM1.
+
+One-shot Generate and CountTokens, CreateSession for conversations, status. Properties describe the
+model and its state; Version is the interface version (bumped on incompatible changes).
+"""
+
+from typing import Any
+
+from dbus_fast import Variant
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+from system_services.caller import current_sender
+from system_services.dbus_errors import error, to_dbus_error
+from system_services.engine_worker import Job
+from system_services.options import parse_options
+from system_services.request_object import stats
+from system_services.session_object import SESSION_OPTIONS, SessionObject
+
+IFACE = "org.llmos.LLM1"
+PATH = "/org/llmos/LLM1"
+VERSION = 1
+GENERATE_OPTIONS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "priority",
+        "system_prompt",
+    }
+)
+MAX_COUNT_CHARS = 1 << 20
+
+
+class LLMObject(ServiceInterface):
+    def __init__(self, daemon: Any) -> None:
+        super().__init__(IFACE)
+        self.daemon = daemon
+
+    # -- properties --------------------------------------------------------------------------------
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "u":
+        return VERSION
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Model(self) -> "s":
+        return self.daemon.engine.manifest.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ContextLength(self) -> "u":
+        return self.daemon.engine.context_length
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return self.daemon.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Device(self) -> "s":
+        return self.daemon.engine.runner.provider
+
+    # -- methods -----------------------------------------------------------------------------------
+    @method()
+    def CreateSession(self, options: "a{sv}") -> "o":
+        """A new conversation owned by the caller. Options: system_prompt (s)."""
+        sender = current_sender()
+        limits = self.daemon.config.limits
+        opts = parse_options(
+            options,
+            default_max_tokens=limits.default_max_tokens,
+            max_tokens_limit=limits.max_tokens,
+            allowed=SESSION_OPTIONS,
+        )
+        self.daemon.check_session_quota(sender)
+        messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
+        session = SessionObject(self.daemon, sender, messages)
+        self.daemon.add_session(session)
+        return session.path
+
+    @method()
+    async def Generate(self, prompt: "s", options: "a{sv}") -> "sa{sv}":
+        """One chat turn without a session: the answer and its stats (tokens in/out, TTFT, tok/s)."""
+        limits = self.daemon.config.limits
+        opts = parse_options(
+            options,
+            default_max_tokens=limits.default_max_tokens,
+            max_tokens_limit=limits.max_tokens,
+            allowed=GENERATE_OPTIONS,
+        )
+        if not prompt.strip():
+            raise error("InvalidArgument", "the prompt is empty")
+        messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
+        job = Job(prompt=[*messages, {"role": "user", "content": prompt}], params=opts.params)
+        try:
+            result = await self.daemon.worker.submit(job)
+        except Exception as e:
+            raise to_dbus_error(e) from None
+        return [result.text, stats(result.usage, result.finish_reason.value)]
+
+    @method()
+    def CountTokens(self, text: "s") -> "u":
+        """Tokens `text` takes as plain text (special-token text is not parsed)."""
+        if len(text) > MAX_COUNT_CHARS:
+            raise error("InvalidArgument", f"text over {MAX_COUNT_CHARS} characters")
+        return len(self.daemon.engine.tokenizer.encode(text, parse_special=False))
+
+    @method()
+    def GetStatus(self) -> "a{sv}":
+        d = self.daemon
+        return {
+            "version": Variant("u", VERSION),
+            "model": Variant("s", d.engine.manifest.name),
+            "precision": Variant("s", d.engine.manifest.precision),
+            "state": Variant("s", d.state),
+            "device": Variant("s", d.engine.runner.provider),
+            "context_length": Variant("u", d.engine.context_length),
+            "sessions": Variant("u", len(d.sessions)),
+            "active_requests": Variant("u", d.worker.active_jobs()),
+            "kv_bytes": Variant("t", sum(c.nbytes() for c in _caches(d.engine))),
+            "uptime_s": Variant("d", d.uptime()),
+        }
+
+
+def _caches(engine: Any) -> list[Any]:
+    return [s.cache for s in [*engine.waiting, *engine.running]]

@@ -1,0 +1,162 @@
+"""A conversation: /org/llmos/LLM1/session/<n>, org.llmos.Session1, owned by the connection that made it.
+
+A session keeps its messages, so each Prompt continues the conversation; Clone copies them into a new
+session of the same owner. Prompt answers in the method reply; PromptStream returns a request object
+(see request_object.py) whose chunks and result reach only the owner.
+"""
+
+import itertools
+from typing import Any
+
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+from llmos.engine.llm_engine import LLMEngine
+from system_services.dbus_errors import error, to_dbus_error
+from system_services.engine_worker import EngineWorker, Job, JobResult
+from system_services.options import RequestOptions, parse_options
+from system_services.ownership import Ownership
+from system_services.request_object import RequestObject, request_path, stats
+
+IFACE = "org.llmos.Session1"
+VERSION = 1
+_numbers = itertools.count(1)
+SESSION_OPTIONS = frozenset({"system_prompt"})
+PROMPT_OPTIONS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "priority",
+        "handle_token",
+    }
+)
+
+
+class SessionObject(ServiceInterface):
+    def __init__(self, daemon: Any, owner: str, messages: list[dict[str, str]]) -> None:
+        super().__init__(IFACE)
+        self.daemon = daemon
+        self.owner = owner
+        self.path = f"/org/llmos/LLM1/session/{next(_numbers)}"
+        self.messages = messages
+        self.tokens_used = 0
+        self._busy = False
+        self._requests: set[RequestObject] = set()
+        self._closed = False
+
+    @property
+    def worker(self) -> EngineWorker:
+        return self.daemon.worker
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.daemon.engine
+
+    # -- properties --------------------------------------------------------------------------------
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "u":
+        return VERSION
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TokensUsed(self) -> "u":
+        return self.tokens_used
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ContextLength(self) -> "u":
+        return self.engine.context_length
+
+    # -- methods -----------------------------------------------------------------------------------
+    @method()
+    async def Prompt(self, text: "s", options: "a{sv}") -> "sa{sv}":
+        """Add a user message, answer it, and keep both in the conversation."""
+        Ownership.check(self)
+        opts = self._options(options)
+        job = self._job(text, opts)
+        try:
+            result = await self.worker.submit(job)
+        except Exception as e:
+            raise to_dbus_error(e) from None
+        finally:
+            self._busy = False
+        self._record(text, result)
+        return [result.text, stats(result.usage, result.finish_reason.value)]
+
+    @method()
+    def PromptStream(self, text: "s", options: "a{sv}") -> "o":
+        """Like Prompt, streamed: returns the request object; chunks and the Response go to the caller."""
+        sender = Ownership.check(self)
+        opts = self._options(options)
+        token = opts.handle_token or f"r{next(_numbers)}"
+        path = request_path(sender, token)
+        if any(o.path == path for o in self.daemon.ownership.owned_by(sender)):
+            raise error("InvalidArgument", f"handle_token {token!r} is already in use by a running request")
+        job = self._job(text, opts)
+
+        def done(result: JobResult) -> None:
+            self._record(text, result)
+
+        req = RequestObject(
+            self.daemon.bus, self.worker, self.daemon.ownership, sender, path, job, on_result=done
+        )
+        self._requests.add(req)
+        req.start()
+        req_fut = req.job.future
+        if req_fut is not None:
+            req_fut.add_done_callback(lambda _f: self._request_ended(req))
+        return path
+
+    @method()
+    def Close(self) -> None:
+        """End the conversation: running requests are cancelled and the object goes away."""
+        Ownership.check(self)
+        self.close("closed by its owner")
+
+    @method()
+    def Clone(self) -> "o":
+        """A new session of the same owner with a copy of this conversation."""
+        sender = Ownership.check(self)
+        self.daemon.check_session_quota(sender)
+        twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages])
+        twin.tokens_used = self.tokens_used
+        self.daemon.add_session(twin)
+        return twin.path
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _options(self, raw: dict[str, Any]) -> RequestOptions:
+        limits = self.daemon.config.limits
+        return parse_options(
+            raw,
+            default_max_tokens=limits.default_max_tokens,
+            max_tokens_limit=limits.max_tokens,
+            allowed=PROMPT_OPTIONS,
+        )
+
+    def _job(self, text: str, opts: RequestOptions) -> Job:
+        if self._busy:
+            raise error("Busy", "this session is already answering a prompt; wait for it or Clone() it")
+        if not text.strip():
+            raise error("InvalidArgument", "the prompt is empty")
+        self._busy = True
+        return Job(prompt=[*self.messages, {"role": "user", "content": text}], params=opts.params)
+
+    def _request_ended(self, req: RequestObject) -> None:
+        self._busy = False
+        self._requests.discard(req)
+
+    def _record(self, text: str, result: JobResult) -> None:
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+        self.tokens_used += result.usage.prompt_tokens + result.usage.completion_tokens
+        self.emit_properties_changed({"TokensUsed": self.tokens_used})
+
+    def close(self, why: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for req in list(self._requests):
+            req.close(why)
+        self.daemon.remove_session(self)
