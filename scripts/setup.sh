@@ -13,6 +13,15 @@ if [[ ",$extras," == *",bench,"* ]]; then  # llama-cpp-python (the peer) compile
     command -v "$tool" >/dev/null 2>&1 || { missing+=(build-essential cmake); break; }
   done
 fi
+if [[ ",$extras," == *",test,"* ]]; then  # tests/test_packaging.py drives the real system tools
+  [[ -f /usr/share/dbus-1/system.conf ]] && command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus)
+  for tool in systemd-analyze systemd-sysusers systemd-tmpfiles; do
+    command -v "$tool" >/dev/null 2>&1 || { missing+=(systemd); break; }
+  done
+  command -v gdbus >/dev/null 2>&1 || missing+=(libglib2.0-bin)
+  command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+  command -v pkcheck >/dev/null 2>&1 || missing+=(polkitd)  # polkitd, pkaction, pkcheck
+fi
 if ((${#missing[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo="sudo"

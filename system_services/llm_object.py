@@ -29,6 +29,7 @@ GENERATE_OPTIONS = frozenset(
         "repetition_penalty",
         "seed",
         "stop",
+        "ignore_eos",
         "priority",
         "system_prompt",
     }

@@ -21,12 +21,13 @@ KNOWN: dict[str, tuple[frozenset[str], str]] = {
     "repetition_penalty": (frozenset("d") | _INT, "a number"),
     "seed": (_INT, "an integer"),
     "stop": (frozenset({"as"}), "an array of strings"),
+    "ignore_eos": (frozenset("b"), "a boolean"),  # keep going past end-of-sequence: benchmarks, tests
     "system_prompt": (frozenset("s"), "a string"),
     "handle_token": (frozenset("s"), "a string"),
     "priority": (frozenset("s"), "a string"),
 }
 PRIORITIES = ("interactive", "normal", "background")
-SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ PROMPT_OPTIONS = frozenset(
         "repetition_penalty",
         "seed",
         "stop",
+        "ignore_eos",
         "priority",
         "handle_token",
     }

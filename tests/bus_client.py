@@ -1,0 +1,199 @@
+"""An app process for the D-Bus tests: each subcommand talks to llmosd and prints one JSON line.
+
+    python tests/bus_client.py ADDRESS COMMAND [ARGS...]
+
+Run as its own process (never imported by pytest), so every test client is a real, separate app.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+NAME, PATH, LLM, SESSION, REQUEST = (
+    "org.llmos.LLM1",
+    "/org/llmos/LLM1",
+    "org.llmos.LLM1",
+    "org.llmos.Session1",
+    "org.llmos.Request1",
+)
+
+
+def variants(opts: dict[str, Any]) -> dict[str, Variant]:
+    out = {}
+    for k, v in opts.items():
+        sig = (
+            "b"
+            if isinstance(v, bool)
+            else "u"
+            if isinstance(v, int)
+            else "d"
+            if isinstance(v, float)
+            else "s"
+        )
+        out[k] = Variant("as", v) if isinstance(v, list) else Variant(sig, v)
+    return out
+
+
+def plain(v: Any) -> Any:
+    if isinstance(v, Variant):
+        return plain(v.value)
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [plain(x) for x in v]
+    return v
+
+
+async def call(bus: MessageBus, path: str, iface: str, member: str, sig: str, body: list[Any]) -> Any:
+    reply = await bus.call(
+        Message(destination=NAME, path=path, interface=iface, member=member, signature=sig, body=body)
+    )
+    if reply.message_type == MessageType.ERROR:
+        raise CallError(reply.error_name or "?", reply.body[0] if reply.body else "")
+    return reply.body
+
+
+class CallError(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name, self.message = name, message
+
+
+def say(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+async def main(address: str, cmd: str, args: list[str]) -> None:
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        await COMMANDS[cmd](bus, *args)
+    except CallError as e:
+        say({"error": e.name, "message": e.message})
+
+
+async def generate(bus: MessageBus, prompt: str, opts: str = "{}") -> None:
+    text, stats = await call(bus, PATH, LLM, "Generate", "sa{sv}", [prompt, variants(json.loads(opts))])
+    say({"text": text, "stats": plain(stats)})
+
+
+async def turns(bus: MessageBus, *prompts: str) -> None:
+    """One session, several prompts: tokens_in of each turn shows the conversation is kept."""
+    (session,) = await call(bus, PATH, LLM, "CreateSession", "a{sv}", [{}])
+    out = []
+    for p in prompts:
+        text, stats = await call(bus, session, SESSION, "Prompt", "sa{sv}", [p, variants({"max_tokens": 8})])
+        out.append({"text": text, "stats": plain(stats)})
+    (clone,) = await call(bus, session, SESSION, "Clone", "", [])
+    text, stats = await call(bus, clone, SESSION, "Prompt", "sa{sv}", ["again", variants({"max_tokens": 8})])
+    say({"session": session, "turns": out, "clone": clone, "clone_turn": plain(stats)})
+
+
+async def hold_session(bus: MessageBus) -> None:
+    """Create a session, print its path, keep the connection until stdin closes."""
+    (session,) = await call(bus, PATH, LLM, "CreateSession", "a{sv}", [{}])
+    say({"session": session, "unique_name": bus.unique_name})
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def poke(bus: MessageBus, session: str) -> None:
+    """Try every Session1 method on someone else's session; report each error name."""
+    results = {}
+    for member, sig, body in (
+        ("Prompt", "sa{sv}", ["hi", {}]),
+        ("PromptStream", "sa{sv}", ["hi", {}]),
+        ("Clone", "", []),
+        ("Close", "", []),
+    ):
+        try:
+            await call(bus, session, SESSION, member, sig, body)
+            results[member] = "ok"
+        except CallError as e:
+            results[member] = e.name
+    say(results)
+
+
+async def stream(
+    bus: MessageBus, token: str, opts: str = "{}", pause: str = "0", die_after: str = "0"
+) -> None:
+    """PromptStream on a new session: count the unicast chunks; optionally stop reading for `pause` s
+    after the first chunk (so the daemon's send buffer fills), or exit abruptly after `die_after` chunks."""
+    (session,) = await call(bus, PATH, LLM, "CreateSession", "a{sv}", [{}])
+    path = f"/org/llmos/LLM1/request/{bus.unique_name.lstrip(':').replace('.', '_')}/{token}"
+    chunks: list[str] = []
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    paused = [float(pause) > 0]
+
+    def on_signal(msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL or msg.path != path:
+            return
+        if msg.member == "Chunk":
+            chunks.append(msg.body[0])
+            if int(die_after) and len(chunks) >= int(die_after):
+                say({"died_after": len(chunks), "session": session})
+                os._exit(0)
+            if paused[0]:
+                paused[0] = False
+                time.sleep(float(pause))  # blocks this process's loop: the daemon's writes back up
+        elif msg.member == "Response" and not done.done():
+            done.set_result(msg.body)
+
+    bus.add_message_handler(on_signal)
+    opts_d = {**json.loads(opts), "handle_token": token}
+    (req,) = await call(
+        bus, session, SESSION, "PromptStream", "sa{sv}", ["Tell me a story.", variants(opts_d)]
+    )
+    say({"started": req})
+    code, results = await asyncio.wait_for(done, 300)
+    say(
+        {
+            "request": req,
+            "code": code,
+            "chunks": len(chunks),
+            "joined": "".join(chunks),
+            "results": plain(results),
+        }
+    )
+
+
+async def watch(bus: MessageBus, seconds: str) -> None:
+    """Ask for every org.llmos.Request1 signal on the bus and count what arrives."""
+    await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=["type='signal',interface='org.llmos.Request1'"],
+        )
+    )
+    seen = []
+    bus.add_message_handler(lambda m: seen.append(m.member) if m.interface == REQUEST else None)
+    say({"watching": True})
+    await asyncio.sleep(float(seconds))
+    say({"seen": len(seen)})
+
+
+async def status(bus: MessageBus) -> None:
+    (st,) = await call(bus, PATH, LLM, "GetStatus", "", [])
+    say(plain(st))
+
+
+COMMANDS = {
+    "generate": generate,
+    "turns": turns,
+    "hold-session": hold_session,
+    "poke": poke,
+    "stream": stream,
+    "watch": watch,
+    "status": status,
+}
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3:]))

@@ -1,0 +1,145 @@
+"""Real parts for the service tests: a private dbus-daemon, llmosd as a process, apps as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CLIENT = Path(__file__).with_name("bus_client.py")
+REPO = Path(__file__).resolve().parent.parent
+
+SESSION_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    """dbus-daemon on a socket in a temporary directory; its first stdout line means it listens."""
+
+    def __init__(self, tmp: Path) -> None:
+        socket = tmp / "bus.socket"
+        config = tmp / "bus.conf"
+        config.write_text(SESSION_BUS_CONFIG.format(socket=socket))
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError("dbus-daemon did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Daemon:
+    """llmosd on a bus; waits for its "serving" line; keeps its log."""
+
+    def __init__(self, address: str, store: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "system_services.daemon",
+            "--address",
+            address,
+            "--store",
+            str(store),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+        )
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def drain() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line.rstrip())
+                if "serving" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        ready.wait(60)
+        if not any("serving" in line for line in self.log):
+            self.proc.kill()
+            raise RuntimeError("llmosd did not start:\n" + "\n".join(self.log))
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+def client(address: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    """Run one app process and return its JSON answer."""
+    out = subprocess.run(
+        [sys.executable, str(CLIENT), address, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise AssertionError(f"client {args} printed nothing (exit {out.returncode}):\n{out.stderr}")
+    return json.loads(lines[-1])
+
+
+def start_client(address: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(CLIENT), address, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def read_json(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("{"):
+            return json.loads(line)
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no answer from client (exit {proc.poll()})")
+
+
+def busctl(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["busctl", f"--address={address}", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def gdbus(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": address}
+    return subprocess.run(["gdbus", *args], capture_output=True, text=True, timeout=60, env=env)

@@ -1,0 +1,244 @@
+"""llmosd on a real private dbus-daemon, driven by separate app processes and by busctl and gdbus.
+
+The daemon serves a tiny random-weight model (fast, and with a 4096-token context so a stream of
+thousands of chunks fits); what is tested is the service, not the model's answers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dbus_harness import Daemon, PrivateBus, busctl, client, gdbus, read_json, start_client
+
+from llmos.model_store import ModelStore
+from llmos.tiny_model import write_random_gguf
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("svc")
+    gguf = write_random_gguf(tmp / "tiny.gguf", weight_type="Q4_1", context_length=4096, seed=5)
+    root = tmp / "store"
+    ModelStore(root).import_gguf(gguf, name="tiny", make_default=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
+    b = PrivateBus(tmp_path_factory.mktemp("bus"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(bus: PrivateBus, store: Path) -> Iterator[Daemon]:
+    d = Daemon(bus.address, store)
+    yield d
+    assert d.stop() == 0
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_generic_clients_see_and_use_the_api(bus: PrivateBus, daemon: Daemon) -> None:
+    intro = busctl(bus.address, "introspect", "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1")
+    assert intro.returncode == 0, intro.stderr
+    for member in ("CountTokens", "CreateSession", "Generate", "GetStatus", "Model", "State", "Version"):
+        assert member in intro.stdout
+    prop = busctl(bus.address, "get-property", "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1", "State")
+    assert prop.stdout.strip() == 's "ready"'
+    made = gdbus(
+        bus.address,
+        "call",
+        "--session",
+        "-d",
+        "org.llmos.LLM1",
+        "-o",
+        "/org/llmos/LLM1",
+        "-m",
+        "org.llmos.LLM1.CreateSession",
+        "{'system_prompt': <'Be brief.'>}",
+    )
+    assert made.returncode == 0, made.stderr
+    session = made.stdout.split("'")[1]
+    assert session.startswith("/org/llmos/LLM1/session/")
+    # gdbus has exited, and a session dies with the connection that made it
+    gone = busctl(bus.address, "call", "org.llmos.LLM1", session, "org.llmos.Session1", "Close")
+    assert gone.returncode != 0
+    said = busctl(
+        bus.address,
+        "call",
+        "org.llmos.LLM1",
+        "/org/llmos/LLM1",
+        "org.llmos.LLM1",
+        "Generate",
+        "sa{sv}",
+        "Hello",
+        "2",
+        "max_tokens",
+        "u",
+        "5",
+        "ignore_eos",
+        "b",
+        "true",
+    )
+    assert said.returncode == 0, said.stderr
+    assert '"tokens_out" u 5' in said.stdout
+    bad = gdbus(
+        bus.address,
+        "call",
+        "--session",
+        "-d",
+        "org.llmos.LLM1",
+        "-o",
+        "/org/llmos/LLM1",
+        "-m",
+        "org.llmos.LLM1.Generate",
+        "hi",
+        "{'max_tokens': <'many'>}",
+    )
+    assert bad.returncode != 0 and "org.llmos.Error.InvalidArgument" in bad.stderr
+
+
+def test_generate_returns_text_and_stats(bus: PrivateBus, daemon: Daemon) -> None:
+    out = client(bus.address, "generate", "Hello there", json.dumps({"max_tokens": 12, "ignore_eos": True}))
+    assert out["stats"]["tokens_out"] == 12 and out["stats"]["finish_reason"] == "length"
+    assert out["stats"]["tokens_in"] > 3 and out["stats"]["ttft_ms"] > 0 and out["stats"]["tokens_per_s"] > 0
+    assert isinstance(out["text"], str)
+
+
+@pytest.mark.parametrize(
+    "opts, error",
+    [
+        ({"bogus": 1}, "InvalidArgument"),
+        ({"max_tokens": "many"}, "InvalidArgument"),
+        ({"max_tokens": 0}, "InvalidArgument"),
+        ({"max_tokens": 10**6}, "InvalidArgument"),
+        ({"temperature": -1.0}, "InvalidArgument"),
+        ({"top_p": 0.0}, "InvalidArgument"),
+        ({"priority": "urgent"}, "InvalidArgument"),
+    ],
+)
+def test_bad_options_are_named_errors(bus: PrivateBus, daemon: Daemon, opts: dict, error: str) -> None:
+    out = client(bus.address, "generate", "Hello", json.dumps(opts))
+    assert out["error"] == f"org.llmos.Error.{error}", out
+    assert out["message"]
+
+
+def test_bad_prompts_are_named_errors_and_the_daemon_keeps_serving(bus: PrivateBus, daemon: Daemon) -> None:
+    assert client(bus.address, "generate", "   ")["error"] == "org.llmos.Error.InvalidArgument"
+    huge = "word " * 6000  # more tokens than the 4096-token context
+    out = client(bus.address, "generate", huge)
+    assert out["error"] == "org.llmos.Error.ContextOverflow", out
+    assert "4096" in out["message"]
+    assert client(bus.address, "status")["state"] == "ready"
+    assert daemon.proc.poll() is None
+
+
+def test_a_session_keeps_the_conversation_and_clone_copies_it(bus: PrivateBus, daemon: Daemon) -> None:
+    out = client(bus.address, "turns", "First question", "Second question", "Third question")
+    tokens_in = [t["stats"]["tokens_in"] for t in out["turns"]]
+    assert tokens_in[0] < tokens_in[1] < tokens_in[2]  # each turn carries the ones before it
+    assert out["clone"] != out["session"]
+    assert out["clone_turn"]["tokens_in"] > tokens_in[2]  # the clone continues the same history
+
+
+def test_another_connection_cannot_touch_a_session(bus: PrivateBus, daemon: Daemon) -> None:
+    owner = start_client(bus.address, "hold-session")
+    try:
+        session = read_json(owner)["session"]
+        out = client(bus.address, "poke", session)
+        assert out == {
+            m: "org.llmos.Error.AccessDenied" for m in ("Prompt", "PromptStream", "Clone", "Close")
+        }
+    finally:
+        owner.communicate("", timeout=30)  # closing stdin ends the owner; its session goes with it
+    assert wait_until(lambda: client(bus.address, "status")["sessions"] == 0)
+
+
+def test_a_stream_reaches_only_its_caller(bus: PrivateBus, daemon: Daemon) -> None:
+    watcher = start_client(bus.address, "watch", "6")
+    assert read_json(watcher)["watching"]
+    out = client(bus.address, "stream", "tok_a", json.dumps({"max_tokens": 40, "ignore_eos": True}))
+    assert out["code"] == 0 and out["chunks"] >= 1
+    assert out["joined"] == out["results"]["text"]  # the chunks are exactly the answer
+    assert out["results"]["tokens_out"] == 40
+    assert out["request"].endswith("/tok_a")  # the path the caller chose before the call
+    assert read_json(watcher)["seen"] == 0  # a match rule on another connection sees none of it
+    watcher.wait(timeout=30)
+
+
+def test_a_burst_of_3000_chunks_survives_a_frozen_bus(bus: PrivateBus, daemon: Daemon) -> None:
+    """The bus daemon is frozen (SIGSTOP) for 2 s while llmosd streams: llmosd's socket buffer fills and
+    its sends hit EAGAIN, which unguarded dbus-fast treats as fatal (DESIGN §4b). Every chunk must still
+    arrive, in order, and the daemon must keep serving."""
+    streamer = start_client(
+        bus.address, "stream", "burst", json.dumps({"max_tokens": 3000, "ignore_eos": True})
+    )
+    assert "started" in read_json(streamer)
+    bus.proc.send_signal(signal.SIGSTOP)
+    time.sleep(2)
+    bus.proc.send_signal(signal.SIGCONT)
+    out = read_json(streamer, timeout=300)
+    assert out["code"] == 0, out
+    assert out["results"]["tokens_out"] == 3000
+    assert out["chunks"] == out["results"]["chunks"] >= 2900  # a chunk per token, save multi-byte holds
+    assert out["joined"] == out["results"]["text"]
+    assert client(bus.address, "status")["state"] == "ready"
+
+
+def test_an_owner_vanishing_mid_stream_cancels_its_work_and_frees_memory(
+    bus: PrivateBus, daemon: Daemon
+) -> None:
+    def idle() -> bool:
+        st = client(bus.address, "status")
+        return st["sessions"] == 0 and st["active_requests"] == 0 and st["kv_bytes"] == 0
+
+    # warm up the paths once, then take the baseline
+    client(bus.address, "stream", "w", json.dumps({"max_tokens": 2000, "ignore_eos": True}), "0", "3")
+    assert wait_until(idle)
+    baseline = daemon.rss_kb()
+    for i in range(200):
+        out = client(
+            bus.address, "stream", f"c{i}", json.dumps({"max_tokens": 2000, "ignore_eos": True}), "0", "3"
+        )
+        assert out["died_after"] == 3
+    assert wait_until(idle), client(bus.address, "status")
+    grown_mb = (daemon.rss_kb() - baseline) / 1024
+    assert grown_mb < 16, f"RSS grew {grown_mb:.1f} MB over 200 abandoned streams"
+
+
+def test_a_second_daemon_refuses_to_start_when_the_name_is_taken(
+    bus: PrivateBus, daemon: Daemon, store: Path
+) -> None:
+    with pytest.raises(RuntimeError, match="already owned"):
+        Daemon(bus.address, store)
+    assert client(bus.address, "status")["state"] == "ready"  # the first one is undisturbed
+
+
+def test_sigterm_cancels_requests_in_flight_and_exits_cleanly(tmp_path: Path, store: Path) -> None:
+    own_bus = PrivateBus(tmp_path)
+    try:
+        d = Daemon(own_bus.address, store)
+        caller = start_client(
+            own_bus.address, "generate", "Go on", json.dumps({"max_tokens": 4000, "ignore_eos": True})
+        )
+        assert wait_until(lambda: client(own_bus.address, "status")["active_requests"] == 1)
+        d.proc.send_signal(signal.SIGTERM)
+        out = read_json(caller)
+        assert out["error"] == "org.llmos.Error.Cancelled", out
+        assert d.proc.wait(timeout=30) == 0
+        assert any("stopping" in line for line in d.log)
+    finally:
+        own_bus.stop()
