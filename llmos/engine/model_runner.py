@@ -27,6 +27,9 @@ class RunnerOptions:
 
 
 def _session_options(opts: RunnerOptions) -> ort.SessionOptions:
+    # onnxruntime records usage telemetry by default (on Linux, into ~/.cache/Microsoft/...); an OS
+    # service hosting everyone's prompts sends nothing anywhere.
+    ort.disable_telemetry_events()
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.threads or len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
