@@ -26,6 +26,8 @@ from llmos.errors import InvalidSamplingError, LlmosError
 from llmos.graph_builder import PRECISIONS
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
+from system_services import cli_service
+from system_services.client import ServiceError
 from system_services.progress import ImportProgress
 
 if TYPE_CHECKING:
@@ -224,6 +226,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = text[:-1]
     if not text.strip():
         raise InvalidSamplingError("the prompt is empty")
+    client = None if args.raw else cli_service.service_for(args)
+    if client is not None:
+        with client:
+            stats = cli_service.generate(client, text, args)
+        if not args.no_stats:
+            _note(cli_service.stats_line(stats))
+        return 0
+    _note_local(args)
     engine = _load_engine(args)
     if args.raw:
         prompt: Any = text
@@ -244,6 +254,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from llmos.errors import ChatTemplateError, ContextOverflowError
 
     params = _sampling(args)
+    client = cli_service.service_for(args)
+    if client is not None:
+        with client:
+            return _chat_via_service(client, args)
+    _note_local(args)
     engine = _load_engine(args)
     if engine.chat_template is None:
         raise ChatTemplateError(f"{engine.manifest.name} has no chat template; use `{PROG} generate --raw`")
@@ -295,6 +310,69 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_local(args: argparse.Namespace) -> None:
+    if not (args.local or args.store or args.model):
+        _note("llmosd is not running on the system or session bus: running the model in this process")
+
+
+def _chat_via_service(client: Any, args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        st = client.status()
+        _note(f"chatting with {st['model']} via llmosd; /reset starts over, /quit or Ctrl-D leaves")
+    session = client.create_session(system_prompt=args.system)
+    options = cli_service.options_from(args)
+    while True:
+        line = _read_turn(interactive)
+        if line is None:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.close()
+            session = client.create_session(system_prompt=args.system)
+            _note("(conversation cleared)")
+            continue
+        try:
+            cli_service.stream_answer(session, line, options)
+        except ServiceError as e:
+            _err(
+                f"{e.message}"
+                + ("; /reset to start a new conversation" if "ContextOverflow" in e.name else "")
+            )
+            continue
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            _note("(answer interrupted)")
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if not args.no_stats:
+            _note(cli_service.stats_line(session.last_stats))
+    if interactive:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = cli_service.service_for(args, required=True)
+    assert client is not None
+    with client:
+        st = cli_service.status(client)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        width = max(len(k) for k in st)
+        for key in sorted(st):
+            print(f"{key:<{width}}  {st[key]}")
+    return 0
+
+
 def _read_turn(interactive: bool) -> str | None:
     if interactive:
         try:
@@ -328,9 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=0, metavar="N", help="CPU threads (0 = all cores)"
     )
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats line on stderr")
+    cli_service.add_bus_options(gen)
 
     parser = argparse.ArgumentParser(prog=PROG, description="Manage and run llmos models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    st = sub.add_parser("status", help="what llmosd is serving, and how busy it is")
+    cli_service.add_bus_options(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status, usage=st.format_usage)
 
     model = sub.add_parser("model", help="import and list models")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -395,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     except LlmosError as e:
         _err(str(e))
         return EXIT_USAGE if e.dbus_name in _BAD_INPUT else EXIT_FAILURE
+    except ServiceError as e:
+        _err(e.message)
+        return EXIT_USAGE if e.name.rsplit(".", 1)[-1] in _BAD_INPUT else EXIT_FAILURE
     except KeyboardInterrupt:
         _finish_line()
         _err("interrupted")

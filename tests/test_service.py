@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from dbus_harness import Daemon, PrivateBus, busctl, client, gdbus, read_json, s
 
 from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
+from system_services.client import LLMClient, ServiceError
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +245,52 @@ def test_sigterm_cancels_requests_in_flight_and_exits_cleanly(tmp_path: Path, st
         assert any("stopping" in line for line in d.log)
     finally:
         own_bus.stop()
+
+
+def _llmosctl(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "system_services.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
+def test_llmosctl_status_generate_and_chat_go_through_the_service(bus: PrivateBus, daemon: Daemon) -> None:
+    st = _llmosctl("status", "--address", bus.address, "--json")
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["state"] == "ready"
+    gen = _llmosctl("generate", "--address", bus.address, "--max-tokens", "6", "Hello")
+    assert gen.returncode == 0, gen.stderr
+    assert "completion 6 tokens" in gen.stderr or "finish stop" in gen.stderr
+    assert "via llmosd" in gen.stderr
+    chat = _llmosctl("chat", "--address", bus.address, "--max-tokens", "4", stdin="First\nSecond\n")
+    assert chat.returncode == 0, chat.stderr
+    prompts = [
+        int(line.split("prompt ")[1].split()[0]) for line in chat.stderr.splitlines() if "via llmosd" in line
+    ]
+    assert len(prompts) == 2 and prompts[1] > prompts[0]  # the second turn carries the first
+    down = _llmosctl("status", "--address", "unix:path=/nonexistent/bus")
+    assert down.returncode == 1 and down.stderr.startswith("llmosctl: error: cannot connect")
+    assert "Traceback" not in down.stderr
+
+
+def test_the_client_library_blocking_api(bus: PrivateBus, daemon: Daemon) -> None:
+    with LLMClient.connect(address=bus.address) as llm:
+        assert llm.status()["state"] == "ready"
+        assert llm.count_tokens("hello world") >= 2
+        answer = llm.generate("Hi", max_tokens=5, ignore_eos=True)
+        assert answer.stats["tokens_out"] == 5
+        chat = llm.create_session(system_prompt="Be brief.")
+        pieces = list(chat.stream("Tell me something", max_tokens=12, ignore_eos=True))
+        assert "".join(pieces) and chat.last_stats["tokens_out"] == 12
+        twin = chat.clone()
+        assert twin.prompt("And more?", max_tokens=3).stats["tokens_in"] > chat.last_stats["tokens_in"]
+        with pytest.raises(ServiceError) as bad:
+            llm.generate("Hi", max_tokens=10**6)
+        assert bad.value.name == "org.llmos.Error.InvalidArgument"
+        chat.close()
+        with pytest.raises(ServiceError):
+            chat.prompt("gone?")

@@ -1,0 +1,119 @@
+"""llmosctl's commands that go through the llmosd service (status, generate, chat) over D-Bus.
+
+Which bus: `--address`, `--session-bus` or `--system-bus` pick one explicitly; `--local` (or naming a model
+store with --store / --model) runs the model in this process instead; otherwise llmosctl looks for
+org.llmos.LLM1 on the system bus, then on the session bus, and runs in-process if neither has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from system_services.client import LLMClient, ServiceError
+
+BUS_NAME = "org.llmos.LLM1"
+
+
+def add_bus_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--address", metavar="ADDR", help="talk to llmosd on this D-Bus address")
+    where.add_argument("--session-bus", action="store_true", help="talk to llmosd on the session bus")
+    where.add_argument("--system-bus", action="store_true", help="talk to llmosd on the system bus")
+    where.add_argument("--local", action="store_true", help="run the model in this process, not via llmosd")
+
+
+async def _has_service(bus_type: BusType) -> bool:
+    try:
+        bus = await asyncio.wait_for(MessageBus(bus_type=bus_type).connect(), 2)
+    except Exception:  # no such bus here
+        return False
+    try:
+        reply = await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="NameHasOwner",
+                signature="s",
+                body=[BUS_NAME],
+            )
+        )
+        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
+    finally:
+        bus.disconnect()
+
+
+def service_for(args: argparse.Namespace, *, required: bool = False) -> LLMClient | None:
+    """A connected client, or None to run in-process. `required`: an error instead of None."""
+    if getattr(args, "address", None):
+        return LLMClient.connect(address=args.address)
+    if getattr(args, "session_bus", False):
+        return LLMClient.connect(session=True)
+    if getattr(args, "system_bus", False):
+        return LLMClient.connect()
+    local = getattr(args, "local", False) or getattr(args, "store", None) or getattr(args, "model", None)
+    if not local or required:
+        for bus_type, session in ((BusType.SYSTEM, False), (BusType.SESSION, True)):
+            if asyncio.run(_has_service(bus_type)):
+                return LLMClient.connect(session=session)
+    if required:
+        raise ServiceError(
+            "org.freedesktop.DBus.Error.ServiceUnknown",
+            "llmosd is not running on the system or session bus (start it, or pass --address)",
+        )
+    return None
+
+
+def options_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+        "repetition_penalty": args.repeat_penalty,
+    }
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    return (
+        f"[prompt {stats.get('tokens_in', 0)} tokens, completion {stats.get('tokens_out', 0)} tokens, "
+        f"TTFT {stats.get('ttft_ms', 0):.0f} ms, decode {stats.get('tokens_per_s', 0):.1f} tok/s, "
+        f"finish {stats.get('finish_reason', '?')}, via llmosd]"
+    )
+
+
+def stream_answer(session: Any, text: str, options: dict[str, Any]) -> str:
+    parts = []
+    chunks = session.stream(text, **options)
+    with contextlib.closing(chunks):
+        for piece in chunks:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            parts.append(piece)
+    return "".join(parts)
+
+
+def generate(client: LLMClient, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    session = client.create_session(system_prompt=args.system)
+    try:
+        out = stream_answer(session, text, options_from(args))
+    finally:
+        with contextlib.suppress(ServiceError):
+            session.close()
+    if not out.endswith("\n"):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return session.last_stats
+
+
+def status(client: LLMClient) -> dict[str, Any]:
+    return client.status()

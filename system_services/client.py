@@ -1,0 +1,260 @@
+"""Client library for apps: talk to llmosd over D-Bus, async or blocking.
+
+    from system_services.client import LLMClient
+    with LLMClient.connect() as llm:                    # system bus, or session=True / address=...
+        print(llm.generate("Hello", max_tokens=32).text)
+        chat = llm.create_session(system_prompt="Be brief.")
+        for piece in chat.stream("Tell me a joke"):       # only this process receives the chunks
+            print(piece, end="", flush=True)
+
+Errors from the service arrive as `ServiceError` with the D-Bus error name (org.llmos.Error.*) and its
+message. Streaming follows the service's request pattern: the client picks the handle token, subscribes
+to its request path, then calls PromptStream, so no chunk can be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BUS_NAME, PATH = "org.llmos.LLM1", "/org/llmos/LLM1"
+LLM_IFACE, SESSION_IFACE, REQUEST_IFACE = "org.llmos.LLM1", "org.llmos.Session1", "org.llmos.Request1"
+_TYPES = {
+    "max_tokens": "u",
+    "top_k": "u",
+    "seed": "t",
+    "temperature": "d",
+    "top_p": "d",
+    "repetition_penalty": "d",
+    "stop": "as",
+    "system_prompt": "s",
+    "handle_token": "s",
+    "priority": "s",
+    "ignore_eos": "b",
+}
+_tokens = itertools.count(1)
+
+
+class ServiceError(Exception):
+    """An error reply from llmosd (or the bus): `name` is the D-Bus error name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{message} ({name})")
+        self.name, self.message = name, message
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    stats: dict[str, Any]  # finish_reason, tokens_in, tokens_out, ttft_ms, tokens_per_s
+
+
+def to_options(options: dict[str, Any]) -> dict[str, Variant]:
+    out = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        sig = _TYPES.get(key)
+        if sig is None:
+            raise ValueError(f"unknown option {key!r} (known: {', '.join(sorted(_TYPES))})")
+        out[key] = Variant(sig, list(value) if sig == "as" else value)
+    return out
+
+
+def _plain(results: dict[str, Variant]) -> dict[str, Any]:
+    return {k: v.value for k, v in results.items()}
+
+
+class AsyncLLMClient:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    @classmethod
+    async def connect(cls, *, address: str | None = None, session: bool = False) -> AsyncLLMClient:
+        bus_type = BusType.SESSION if session else BusType.SYSTEM
+        try:
+            bus = await MessageBus(bus_type=bus_type, bus_address=address).connect()
+        except (OSError, ValueError) as e:
+            where = address or ("the session bus" if session else "the system bus")
+            raise ServiceError(
+                "org.freedesktop.DBus.Error.NoServer", f"cannot connect to {where}: {e}"
+            ) from None
+        return cls(bus)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def call(
+        self, path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None
+    ) -> Any:
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=iface,
+                member=member,
+                signature=sig,
+                body=body or [],
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            raise ServiceError(reply.error_name or "unknown", reply.body[0] if reply.body else "")
+        return reply.body
+
+    async def status(self) -> dict[str, Any]:
+        (st,) = await self.call(PATH, LLM_IFACE, "GetStatus")
+        return _plain(st)
+
+    async def count_tokens(self, text: str) -> int:
+        (n,) = await self.call(PATH, LLM_IFACE, "CountTokens", "s", [text])
+        return int(n)
+
+    async def generate(self, prompt: str, **options: Any) -> Answer:
+        text, stats = await self.call(PATH, LLM_IFACE, "Generate", "sa{sv}", [prompt, to_options(options)])
+        return Answer(text, _plain(stats))
+
+    async def create_session(self, system_prompt: str | None = None) -> AsyncSession:
+        (path,) = await self.call(
+            PATH, LLM_IFACE, "CreateSession", "a{sv}", [to_options({"system_prompt": system_prompt})]
+        )
+        return AsyncSession(self, path)
+
+
+class AsyncSession:
+    def __init__(self, client: AsyncLLMClient, path: str) -> None:
+        self.client, self.path = client, path
+        self.last_stats: dict[str, Any] = {}
+
+    async def prompt(self, text: str, **options: Any) -> Answer:
+        answer, stats = await self.client.call(
+            self.path, SESSION_IFACE, "Prompt", "sa{sv}", [text, to_options(options)]
+        )
+        self.last_stats = _plain(stats)
+        return Answer(answer, self.last_stats)
+
+    async def stream(self, text: str, **options: Any) -> AsyncIterator[str]:
+        """Yield text as it is generated; `last_stats` holds the final stats afterwards."""
+        bus = self.client.bus
+        token = f"c{next(_tokens)}_{secrets.token_hex(4)}"
+        path = f"/org/llmos/LLM1/request/{bus.unique_name.lstrip(':').replace('.', '_')}/{token}"
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def on_message(msg: Message) -> None:
+            if msg.message_type == MessageType.SIGNAL and msg.path == path and msg.interface == REQUEST_IFACE:
+                queue.put_nowait((msg.member, msg.body))
+            return None
+
+        bus.add_message_handler(on_message)  # before the call: no chunk can slip by
+        try:
+            await self.client.call(
+                self.path,
+                SESSION_IFACE,
+                "PromptStream",
+                "sa{sv}",
+                [text, to_options({**options, "handle_token": token})],
+            )
+            while True:
+                member, body = await queue.get()
+                if member == "Chunk":
+                    yield body[0]
+                elif member == "Response":
+                    code, results = body
+                    self.last_stats = _plain(results)
+                    if code != 0:
+                        raise ServiceError(
+                            self.last_stats.get("error_name", "org.llmos.Error.Failed"),
+                            self.last_stats.get("error_message", "the request failed"),
+                        )
+                    return
+        finally:
+            bus.remove_message_handler(on_message)
+
+    async def clone(self) -> AsyncSession:
+        (path,) = await self.client.call(self.path, SESSION_IFACE, "Clone")
+        return AsyncSession(self.client, path)
+
+    async def close(self) -> None:
+        await self.client.call(self.path, SESSION_IFACE, "Close")
+
+
+class LLMClient:
+    """The blocking face of AsyncLLMClient, on a private event loop (not thread-safe)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, inner: AsyncLLMClient) -> None:
+        self._loop, self._inner = loop, inner
+
+    @classmethod
+    def connect(cls, *, address: str | None = None, session: bool = False) -> LLMClient:
+        loop = asyncio.new_event_loop()
+        try:
+            inner = loop.run_until_complete(AsyncLLMClient.connect(address=address, session=session))
+        except BaseException:
+            loop.close()
+            raise
+        return cls(loop, inner)
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._inner.close()
+        self._loop.run_until_complete(asyncio.sleep(0))
+        self._loop.close()
+
+    def status(self) -> dict[str, Any]:
+        return self._run(self._inner.status())
+
+    def count_tokens(self, text: str) -> int:
+        return self._run(self._inner.count_tokens(text))
+
+    def generate(self, prompt: str, **options: Any) -> Answer:
+        return self._run(self._inner.generate(prompt, **options))
+
+    def create_session(self, system_prompt: str | None = None) -> Session:
+        return Session(self, self._run(self._inner.create_session(system_prompt)))
+
+
+class Session:
+    def __init__(self, client: LLMClient, inner: AsyncSession) -> None:
+        self._client, self._inner = client, inner
+
+    @property
+    def path(self) -> str:
+        return self._inner.path
+
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        return self._inner.last_stats
+
+    def prompt(self, text: str, **options: Any) -> Answer:
+        return self._client._run(self._inner.prompt(text, **options))
+
+    def stream(self, text: str, **options: Any) -> Iterator[str]:
+        agen = self._inner.stream(text, **options)
+        try:
+            while True:
+                try:
+                    yield self._client._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._client._run(agen.aclose())
+
+    def clone(self) -> Session:
+        return Session(self._client, self._client._run(self._inner.clone()))
+
+    def close(self) -> None:
+        self._client._run(self._inner.close())
