@@ -6,10 +6,14 @@ thousands of chunks fits); what is tested is the service, not the model's answer
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,3 +298,59 @@ def test_the_client_library_blocking_api(bus: PrivateBus, daemon: Daemon) -> Non
         chat.close()
         with pytest.raises(ServiceError):
             chat.prompt("gone?")
+
+
+def test_systemd_notify_ready_watchdog_during_generation_and_stopping(tmp_path: Path, store: Path) -> None:
+    """A real notify socket (what systemd gives a Type=dbus/notify service): READY=1 once the name is
+    owned, WATCHDOG=1 at half of WATCHDOG_USEC even while the engine is busy generating, STOPPING=1."""
+    own_bus = PrivateBus(tmp_path)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(10)
+    received: list[tuple[float, str]] = []
+
+    def listen() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                received.append((time.monotonic(), sock.recv(4096).decode()))
+
+    threading.Thread(target=listen, daemon=True).start()
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
+    try:
+        d = Daemon(own_bus.address, store, env=env)
+        assert wait_until(lambda: any(m == "READY=1" for _, m in received), 10)
+        busy_from = time.monotonic()
+        out = client(own_bus.address, "generate", "Go", json.dumps({"max_tokens": 3000, "ignore_eos": True}))
+        busy_to = time.monotonic()
+        assert out["stats"]["tokens_out"] == 3000
+        pings = [t for t, m in received if m == "WATCHDOG=1" and busy_from <= t <= busy_to]
+        assert busy_to - busy_from > 0.6 and len(pings) >= (busy_to - busy_from) / 0.2 * 0.5, pings
+        assert max(b - a for a, b in zip([busy_from, *pings], [*pings, busy_to], strict=True)) < 1.0
+        assert d.stop() == 0
+        assert wait_until(lambda: any(m == "STOPPING=1" for _, m in received), 10)
+    finally:
+        own_bus.stop()
+        sock.close()
+
+
+def test_configuration_file_is_validated_and_applied(tmp_path: Path, store: Path) -> None:
+    own_bus = PrivateBus(tmp_path)
+    try:
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[limits]\nmax_tokens = -3\nsurprise = 1\n")
+        with pytest.raises(RuntimeError) as failed:
+            Daemon(own_bus.address, store, "--config", str(bad))
+        log = str(failed.value)
+        assert "invalid configuration" in log and "max_tokens" in log and "surprise" in log
+        assert "Traceback" not in log
+        good = tmp_path / "good.toml"
+        good.write_text("[limits]\nmax_tokens = 50\ndefault_max_tokens = 7\n")
+        d = Daemon(own_bus.address, store, "--config", str(good))
+        over = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 51}))
+        assert over["error"] == "org.llmos.Error.InvalidArgument" and "limit of 50" in over["message"]
+        default = client(own_bus.address, "generate", "Hi", json.dumps({"ignore_eos": True}))
+        assert default["stats"]["tokens_out"] == 7
+        assert d.stop() == 0
+    finally:
+        own_bus.stop()
