@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmos.errors import LlmosError
 
@@ -35,6 +35,14 @@ class LimitsConfig(BaseModel):
     max_tokens: int = Field(4096, ge=1)  # the most any one request may ask for
     sessions_per_connection: int = Field(32, ge=1)
     default_max_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is over max_tokens ({self.max_tokens})"
+            )
+        return self
 
 
 class DaemonConfig(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import signal
 import sys
@@ -28,15 +29,29 @@ from llmos.paths import SYSTEM_MODEL_DIR
 from system_services.caller import install_caller_tracking
 from system_services.config import DaemonConfig
 from system_services.dbus_errors import error
-from system_services.engine_worker import EngineWorker
+from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.llm_object import PATH, LLMObject
 from system_services.notify import sd_notify, watchdog_interval
 from system_services.ownership import Ownership
+from system_services.private_bus import PrivateObjectsBus
 from system_services.send_guard import guard_send_buffer
 from system_services.session_object import SessionObject
 
 BUS_NAME = "org.llmos.LLM1"
 log = logging.getLogger("llmosd")
+
+
+class CallInFlight:
+    """A running Generate or Prompt call, owned like an object so that its caller leaving cancels it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, worker: EngineWorker, job: Job, owner: str) -> None:
+        self.worker, self.job, self.owner = worker, job, owner
+        self.path = f"call:{next(self._ids)}"  # not a D-Bus object; a key in the ownership table
+
+    def close(self, why: str, owner_gone: bool = True) -> None:
+        self.worker.cancel(self.job, why)
 
 
 class Daemon:
@@ -67,6 +82,15 @@ class Daemon:
         self.sessions.pop(session.path, None)
         self.ownership.remove(session)
         self.bus.unexport(session.path, session)
+
+    async def run_for_caller(self, job: Job, owner: str) -> JobResult:
+        """Run a job for a method call; if the caller leaves the bus meanwhile, the job is cancelled."""
+        call = CallInFlight(self.worker, job, owner)
+        self.ownership.add(call)
+        try:
+            return await self.worker.submit(job)
+        finally:
+            self.ownership.remove(call)
 
     def watch_owners(self) -> None:
         """Close the objects of connections that leave the bus (NameOwnerChanged with no new owner)."""
@@ -121,7 +145,7 @@ def load_engine(args: argparse.Namespace, config: DaemonConfig) -> LLMEngine:
 async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     engine = await asyncio.to_thread(load_engine, args, config)
     bus_type = BusType.SYSTEM if args.system else BusType.SESSION
-    bus = await MessageBus(bus_type=bus_type, bus_address=args.address).connect()
+    bus = await PrivateObjectsBus(bus_type=bus_type, bus_address=args.address).connect()
     guard_send_buffer(bus)
     install_caller_tracking(bus)
     daemon = Daemon(config, engine, bus)

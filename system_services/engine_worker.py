@@ -79,6 +79,11 @@ class EngineWorker:
         with self._lock:
             return len(self._inbox) + len(self._jobs)
 
+    def kv_bytes(self) -> int:
+        """KV memory held by running jobs (read under the lock: the worker thread changes `_jobs`)."""
+        with self._lock:
+            return sum(j.seq.cache.nbytes() for j in self._jobs.values() if j.seq is not None)
+
     def stop(self, why: str = "the daemon is stopping") -> None:
         """Cancel everything in flight and end the thread (waits for the current step to finish)."""
         with self._lock:
@@ -117,7 +122,8 @@ class EngineWorker:
         except LlmosError as e:
             self._deliver_error(job, e)
             return
-        self._jobs[job.seq.seq_id] = job
+        with self._lock:
+            self._jobs[job.seq.seq_id] = job
 
     def _step(self) -> None:
         try:
@@ -146,7 +152,11 @@ class EngineWorker:
         self._deliver_error(job, CancelledByDaemon(job.cancelled or "cancelled"))
 
     def _release(self, job: Job) -> None:
-        if job.seq is not None and self._jobs.pop(job.seq.seq_id, None) is not None:
+        if job.seq is None:
+            return
+        with self._lock:
+            held = self._jobs.pop(job.seq.seq_id, None)
+        if held is not None:
             self.engine.release(job.seq)
 
     def _deliver_error(self, job: Job, error: Exception) -> None:

@@ -21,7 +21,7 @@ class Owned(Protocol):
     owner: str
     path: str
 
-    def close(self, why: str) -> None: ...
+    def close(self, why: str, owner_gone: bool = True) -> None: ...
 
 
 class Ownership:
@@ -61,4 +61,4 @@ class Ownership:
         if objs:
             log.info("%s left the bus: closing %d object(s)", name, len(objs))
         for obj in objs:
-            obj.close(f"{name} left the bus")
+            obj.close(f"{name} left the bus", owner_gone=True)

@@ -67,6 +67,7 @@ class RequestObject(ServiceInterface):
     # -- D-Bus -------------------------------------------------------------------------------------
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "u":
+        Ownership.check(self)  # even reading a request's properties is for its owner only
         return VERSION
 
     @method()
@@ -136,11 +137,25 @@ class RequestObject(ServiceInterface):
             self._unicast("Response", "ua{sv}", [code, results])
         self._teardown()
 
-    def close(self, why: str) -> None:
-        """The owner left (or the session closed): stop the work, send nothing more."""
-        if not self._closed:
-            self._closed = True
-            self.worker.cancel(self.job, why)
+    def close(self, why: str, owner_gone: bool = True) -> None:
+        """Stop the work. A caller still on the bus (its session was closed) gets Response code 1;
+        one that left gets nothing more."""
+        if self._closed:
+            return
+        if not owner_gone:
+            self._unicast(
+                "Response",
+                "ua{sv}",
+                [
+                    RESPONSE_CANCELLED,
+                    {
+                        "error_name": Variant("s", "org.llmos.Error.Cancelled"),
+                        "error_message": Variant("s", why),
+                    },
+                ],
+            )
+        self._closed = True
+        self.worker.cancel(self.job, why)
         self._teardown()
 
     def _teardown(self) -> None:

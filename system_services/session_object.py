@@ -33,9 +33,9 @@ PROMPT_OPTIONS = frozenset(
         "stop",
         "ignore_eos",
         "priority",
-        "handle_token",
     }
 )
+STREAM_OPTIONS = PROMPT_OPTIONS | {"handle_token"}
 
 
 class SessionObject(ServiceInterface):
@@ -47,6 +47,7 @@ class SessionObject(ServiceInterface):
         self.messages = messages
         self.tokens_used = 0
         self._busy = False
+        self._prompt_job: Job | None = None
         self._requests: set[RequestObject] = set()
         self._closed = False
 
@@ -59,16 +60,21 @@ class SessionObject(ServiceInterface):
         return self.daemon.engine
 
     # -- properties --------------------------------------------------------------------------------
+    # Properties too are for the owner only: another app may not even see how much it has used.
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "u":
+        Ownership.check(self)
         return VERSION
 
     @dbus_property(access=PropertyAccess.READ)
     def TokensUsed(self) -> "u":
+        """Tokens processed for this session so far (prompts, history included, and answers)."""
+        Ownership.check(self)
         return self.tokens_used
 
     @dbus_property(access=PropertyAccess.READ)
     def ContextLength(self) -> "u":
+        Ownership.check(self)
         return self.engine.context_length
 
     # -- methods -----------------------------------------------------------------------------------
@@ -76,14 +82,16 @@ class SessionObject(ServiceInterface):
     async def Prompt(self, text: "s", options: "a{sv}") -> "sa{sv}":
         """Add a user message, answer it, and keep both in the conversation."""
         Ownership.check(self)
-        opts = self._options(options)
+        opts = self._options(options, PROMPT_OPTIONS)
         job = self._job(text, opts)
+        self._prompt_job = job
         try:
-            result = await self.worker.submit(job)
+            result = await self.daemon.run_for_caller(job, self.owner)
         except Exception as e:
             raise to_dbus_error(e) from None
         finally:
             self._busy = False
+            self._prompt_job = None
         self._record(text, result)
         return [result.text, stats(result.usage, result.finish_reason.value)]
 
@@ -91,7 +99,7 @@ class SessionObject(ServiceInterface):
     def PromptStream(self, text: "s", options: "a{sv}") -> "o":
         """Like Prompt, streamed: returns the request object; chunks and the Response go to the caller."""
         sender = Ownership.check(self)
-        opts = self._options(options)
+        opts = self._options(options, STREAM_OPTIONS)
         token = opts.handle_token or f"r{next(_numbers)}"
         path = request_path(sender, token)
         if any(o.path == path for o in self.daemon.ownership.owned_by(sender)):
@@ -115,7 +123,7 @@ class SessionObject(ServiceInterface):
     def Close(self) -> None:
         """End the conversation: running requests are cancelled and the object goes away."""
         Ownership.check(self)
-        self.close("closed by its owner")
+        self.close("the session was closed", owner_gone=False)
 
     @method()
     def Clone(self) -> "o":
@@ -128,13 +136,13 @@ class SessionObject(ServiceInterface):
         return twin.path
 
     # -- internals ---------------------------------------------------------------------------------
-    def _options(self, raw: dict[str, Any]) -> RequestOptions:
+    def _options(self, raw: dict[str, Any], allowed: frozenset[str]) -> RequestOptions:
         limits = self.daemon.config.limits
         return parse_options(
             raw,
             default_max_tokens=limits.default_max_tokens,
             max_tokens_limit=limits.max_tokens,
-            allowed=PROMPT_OPTIONS,
+            allowed=allowed,
         )
 
     def _job(self, text: str, opts: RequestOptions) -> Job:
@@ -151,13 +159,15 @@ class SessionObject(ServiceInterface):
 
     def _record(self, text: str, result: JobResult) -> None:
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+        # not signalled: PropertiesChanged is a broadcast, and this count is the owner's business
         self.tokens_used += result.usage.prompt_tokens + result.usage.completion_tokens
-        self.emit_properties_changed({"TokensUsed": self.tokens_used})
 
-    def close(self, why: str) -> None:
+    def close(self, why: str, owner_gone: bool = True) -> None:
         if self._closed:
             return
         self._closed = True
         for req in list(self._requests):
-            req.close(why)
+            req.close(why, owner_gone=owner_gone)
+        if self._prompt_job is not None:
+            self.worker.cancel(self._prompt_job, why)
         self.daemon.remove_session(self)

@@ -115,11 +115,36 @@ async def poke(bus: MessageBus, session: str) -> None:
             results[member] = "ok"
         except CallError as e:
             results[member] = e.name
+    reply = await bus.call(
+        Message(
+            destination=NAME,
+            path=session,
+            interface="org.freedesktop.DBus.Properties",
+            member="Get",
+            signature="ss",
+            body=[SESSION, "TokensUsed"],
+        )
+    )
+    results["Get TokensUsed"] = reply.error_name if reply.message_type == MessageType.ERROR else "ok"
+    reply = await bus.call(
+        Message(
+            destination=NAME,
+            path=PATH,
+            interface="org.freedesktop.DBus.ObjectManager",
+            member="GetManagedObjects",
+        )
+    )
+    results["GetManagedObjects"] = sorted(plain(reply.body[0])) if reply.body else reply.error_name
     say(results)
 
 
 async def stream(
-    bus: MessageBus, token: str, opts: str = "{}", pause: str = "0", die_after: str = "0"
+    bus: MessageBus,
+    token: str,
+    opts: str = "{}",
+    pause: str = "0",
+    die_after: str = "0",
+    close_after: str = "0",
 ) -> None:
     """PromptStream on a new session: count the unicast chunks; optionally stop reading for `pause` s
     after the first chunk (so the daemon's send buffer fills), or exit abruptly after `die_after` chunks."""
@@ -137,6 +162,8 @@ async def stream(
             if int(die_after) and len(chunks) >= int(die_after):
                 say({"died_after": len(chunks), "session": session})
                 os._exit(0)
+            if int(close_after) and len(chunks) == int(close_after):
+                asyncio.get_running_loop().create_task(call(bus, session, SESSION, "Close", "", []))
             if paused[0]:
                 paused[0] = False
                 time.sleep(float(pause))  # blocks this process's loop: the daemon's writes back up
@@ -170,11 +197,17 @@ async def watch(bus: MessageBus, seconds: str) -> None:
             interface="org.freedesktop.DBus",
             member="AddMatch",
             signature="s",
-            body=["type='signal',interface='org.llmos.Request1'"],
+            body=["type='signal',sender='org.llmos.LLM1'"],
         )
     )
     seen = []
-    bus.add_message_handler(lambda m: seen.append(m.member) if m.interface == REQUEST else None)
+    bus.add_message_handler(
+        lambda m: (
+            seen.append(m.member)
+            if m.message_type == MessageType.SIGNAL and m.sender != "org.freedesktop.DBus"
+            else None
+        )
+    )
     say({"watching": True})
     await asyncio.sleep(float(seconds))
     say({"seen": len(seen)})

@@ -1,0 +1,25 @@
+"""A dbus-fast MessageBus that does not tell other connections about each caller's objects.
+
+dbus-fast broadcasts ObjectManager.InterfacesAdded/Removed for every exported object and answers
+GetManagedObjects with all of them. Here every session and request belongs to one caller, and its path
+(the caller's unique name and chosen handle token) is nobody else's business, so neither happens: owners
+learn their object paths from the method replies that create them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+
+
+class PrivateObjectsBus(MessageBus):
+    def _emit_interface_added(self, path: str, interface: Any) -> None:
+        return None
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        return None
+
+    def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
+        send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [{}]))
