@@ -46,6 +46,15 @@ class Caller:
     app_id: str
 
 
+def app_id_from_cgroup(cgroup: str) -> str | None:
+    """The app a /proc/PID/cgroup text names: a Flatpak app scope, or a snap; None for anything else."""
+    if m := _FLATPAK_SCOPE.search(cgroup):
+        return m.group(1)
+    if m := _SNAP_SCOPE.search(cgroup):
+        return f"snap.{m.group(1)}"
+    return None
+
+
 def app_id_for_pid(pid: int | None) -> str:
     """Flatpak app id, else snap name, else the executable's name; "unknown" when /proc tells nothing."""
     if pid is None:
@@ -59,11 +68,8 @@ def app_id_for_pid(pid: int | None) -> str:
         pass
     try:
         with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
-            cgroup = f.read()
-        if m := _FLATPAK_SCOPE.search(cgroup):
-            return m.group(1)
-        if m := _SNAP_SCOPE.search(cgroup):
-            return f"snap.{m.group(1)}"
+            if app := app_id_from_cgroup(f.read()):
+                return app
     except OSError:
         pass
     try:

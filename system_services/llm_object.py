@@ -5,19 +5,22 @@ model and its state; Version is the interface version (bumped on incompatible ch
 """
 
 import asyncio
+import logging
+from collections import Counter
 from typing import Any
 
 from dbus_fast import Variant
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
-from system_services.caller import current_sender
+from system_services.caller import current_sender, identify
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import Job
 from system_services.options import parse_options
 from system_services.request_object import stats
 from system_services.session_object import SESSION_OPTIONS, SessionObject
 
+log = logging.getLogger("llmosd")
 IFACE = "org.llmos.LLM1"
 PATH = "/org/llmos/LLM1"
 VERSION = 1
@@ -66,7 +69,7 @@ class LLMObject(ServiceInterface):
 
     # -- methods -----------------------------------------------------------------------------------
     @method()
-    def CreateSession(self, options: "a{sv}") -> "o":
+    async def CreateSession(self, options: "a{sv}") -> "o":
         """A new conversation owned by the caller. Options: system_prompt (s)."""
         sender = current_sender()
         limits = self.daemon.config.limits
@@ -77,9 +80,11 @@ class LLMObject(ServiceInterface):
             allowed=SESSION_OPTIONS,
         )
         self.daemon.check_session_quota(sender)
+        caller = await identify(self.daemon.bus, sender)
         messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
-        session = SessionObject(self.daemon, sender, messages)
+        session = SessionObject(self.daemon, sender, messages, app_id=caller.app_id)
         self.daemon.add_session(session)
+        log.info("%s: session for %s (uid %s, pid %s)", session.path, caller.app_id, caller.uid, caller.pid)
         return session.path
 
     @method()
@@ -121,6 +126,7 @@ class LLMObject(ServiceInterface):
             "device": Variant("s", d.engine.runner.provider),
             "context_length": Variant("u", d.engine.context_length),
             "sessions": Variant("u", len(d.sessions)),
+            "sessions_by_app": Variant("a{su}", dict(Counter(s.app_id for s in d.sessions.values()))),
             "active_requests": Variant("u", d.worker.active_jobs()),
             "kv_bytes": Variant("t", d.worker.kv_bytes()),
             "uptime_s": Variant("d", d.uptime()),

@@ -39,10 +39,13 @@ STREAM_OPTIONS = PROMPT_OPTIONS | {"handle_token"}
 
 
 class SessionObject(ServiceInterface):
-    def __init__(self, daemon: Any, owner: str, messages: list[dict[str, str]]) -> None:
+    def __init__(
+        self, daemon: Any, owner: str, messages: list[dict[str, str]], app_id: str = "unknown"
+    ) -> None:
         super().__init__(IFACE)
         self.daemon = daemon
         self.owner = owner
+        self.app_id = app_id  # from the caller's credentials (see caller.py); for status and policy
         self.path = f"/org/llmos/LLM1/session/{next(_numbers)}"
         self.messages = messages
         self.tokens_used = 0
@@ -130,7 +133,7 @@ class SessionObject(ServiceInterface):
         """A new session of the same owner with a copy of this conversation."""
         sender = Ownership.check(self)
         self.daemon.check_session_quota(sender)
-        twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages])
+        twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages], app_id=self.app_id)
         twin.tokens_used = self.tokens_used
         self.daemon.add_session(twin)
         return twin.path

@@ -374,3 +374,17 @@ def test_closing_a_session_mid_stream_ends_its_request_with_a_cancelled_response
     assert out["code"] == 1, out
     assert out["results"]["error_name"] == "org.llmos.Error.Cancelled"
     assert wait_until(lambda: client(bus.address, "status")["active_requests"] == 0, 10)
+
+
+def test_sessions_are_attributed_to_the_calling_app(bus: PrivateBus, daemon: Daemon) -> None:
+    """The daemon asks the bus for the caller's credentials and names its app (here, not sandboxed, after
+    its executable), so status can say which app holds what."""
+    owner = start_client(bus.address, "hold-session")
+    try:
+        read_json(owner)
+        by_app = client(bus.address, "status")["sessions_by_app"]
+        exe = os.path.basename(os.path.realpath(sys.executable))
+        assert by_app == {exe: 1}, by_app
+    finally:
+        owner.communicate("", timeout=30)
+    assert any("session for" in line and "uid" in line for line in daemon.log)
