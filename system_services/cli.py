@@ -373,6 +373,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    client = cli_service.service_for(args, required=True)
+    assert client is not None
+    with client:
+        st = cli_service.status(client)
+    by_app: dict[str, int] = st.get("sessions_by_app", {})
+    if args.json:
+        print(json.dumps({"sessions": st["sessions"], "by_app": by_app}, indent=2, sort_keys=True))
+        return 0
+    print(f"{st['sessions']} session(s), {st['active_requests']} request(s) running")
+    if by_app:
+        width = max(len(app) for app in by_app)
+        for app, n in sorted(by_app.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {app:<{width}}  {n}")
+    return 0
+
+
 def _read_turn(interactive: bool) -> str | None:
     if interactive:
         try:
@@ -415,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli_service.add_bus_options(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status, usage=st.format_usage)
+
+    ss = sub.add_parser("sessions", help="sessions open in llmosd, by app")
+    cli_service.add_bus_options(ss)
+    ss.add_argument("--json", action="store_true", help="machine-readable output")
+    ss.set_defaults(func=cmd_sessions, usage=ss.format_usage)
 
     model = sub.add_parser("model", help="import and list models")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -385,6 +385,9 @@ def test_sessions_are_attributed_to_the_calling_app(bus: PrivateBus, daemon: Dae
         by_app = client(bus.address, "status")["sessions_by_app"]
         exe = os.path.basename(os.path.realpath(sys.executable))
         assert by_app == {exe: 1}, by_app
+        listed = _llmosctl("sessions", "--address", bus.address)
+        assert listed.returncode == 0 and listed.stdout.splitlines()[0].startswith("1 session(s)")
+        assert listed.stdout.splitlines()[1].split() == [exe, "1"]
     finally:
         owner.communicate("", timeout=30)
     assert any("session for" in line and "uid" in line for line in daemon.log)
