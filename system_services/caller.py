@@ -75,6 +75,11 @@ def app_id_for_pid(pid: int | None) -> str:
     try:
         return os.path.basename(os.readlink(f"/proc/{pid}/exe")) or "unknown"
     except OSError:
+        pass
+    try:  # another user's exe link is unreadable to the llmos user; the process name is not
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            return f.read().strip() or "unknown"
+    except OSError:
         return "unknown"
 
 

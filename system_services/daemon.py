@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dbus_fast import BusType, Message, MessageType
+from dbus_fast import BusType, DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
@@ -161,7 +161,17 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
             body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
         )
     )
-    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    try:
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    except DBusError as e:  # the bus policy does not let this user own the name
+        log.error(
+            "not allowed to own %s on this bus: %s (on the system bus llmosd runs as the llmos user)",
+            BUS_NAME,
+            e.text,
+        )
+        daemon.worker.stop()
+        bus.disconnect()
+        return 1
     if reply != RequestNameReply.PRIMARY_OWNER:
         log.error("%s is already owned on this bus (another llmosd?)", BUS_NAME)
         daemon.worker.stop()

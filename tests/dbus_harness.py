@@ -23,7 +23,7 @@ SESSION_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bu
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
-    <allow own="*"/>
+    <{own} own="*"/>
   </policy>
 </busconfig>
 """
@@ -32,10 +32,10 @@ SESSION_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bu
 class PrivateBus:
     """dbus-daemon on a socket in a temporary directory; its first stdout line means it listens."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, allow_own: bool = True) -> None:
         socket = tmp / "bus.socket"
         config = tmp / "bus.conf"
-        config.write_text(SESSION_BUS_CONFIG.format(socket=socket))
+        config.write_text(SESSION_BUS_CONFIG.format(socket=socket, own="allow" if allow_own else "deny"))
         self.proc = subprocess.Popen(
             ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
             stdout=subprocess.PIPE,

@@ -169,6 +169,9 @@ def test_another_connection_cannot_touch_a_session(bus: PrivateBus, daemon: Daem
         denied = ("Prompt", "PromptStream", "Clone", "Close", "Get TokensUsed")
         assert {m: out[m] for m in denied} == {m: "org.llmos.Error.AccessDenied" for m in denied}
         assert out["GetManagedObjects"] == []  # nobody can list other connections' sessions
+        for parent in ("/org/llmos/LLM1", "/org/llmos/LLM1/session"):
+            xml = busctl(bus.address, "introspect", "--xml-interface", "org.llmos.LLM1", parent).stdout
+            assert "<node name=" not in xml.replace('<node name="' + parent + '"', "")  # no child listed
     finally:
         owner.communicate("", timeout=30)  # closing stdin ends the owner; its session goes with it
     assert wait_until(lambda: client(bus.address, "status")["sessions"] == 0)
@@ -391,3 +394,14 @@ def test_sessions_are_attributed_to_the_calling_app(bus: PrivateBus, daemon: Dae
     finally:
         owner.communicate("", timeout=30)
     assert any("session for" in line and "uid" in line for line in daemon.log)
+
+
+def test_a_daemon_the_bus_will_not_let_own_the_name_says_so_and_exits(tmp_path: Path, store: Path) -> None:
+    strict = PrivateBus(tmp_path, allow_own=False)
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            Daemon(strict.address, store)
+        assert "not allowed to own org.llmos.LLM1" in str(failed.value)
+        assert "Traceback" not in str(failed.value)
+    finally:
+        strict.stop()

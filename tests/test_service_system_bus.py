@@ -1,0 +1,338 @@
+"""llmosd on a system-like bus with the packaged policy: the real daemon as `llmos`, apps as other uids.
+
+The bus is the one tests/test_packaging.py checks the policy on (the stock system.conf minus what needs
+the real machine, plus a verbatim copy of packaging/dbus/), but here the real llmosd serves on it, as the
+`llmos` system user (setpriv), from a root-owned, world-readable model store it cannot write. App A runs
+as `nobody`; app B as another unprivileged uid (`llmos-test-b`, a throwaway system user created for the
+run and removed afterwards if this module created it). B tries every way a client has to see or touch
+A's work:
+
+- ordinary match rules for llmosd's signals (accepted by the bus, useless: Chunk and Response are
+  unicast to A);
+- match rules with eavesdrop='true' and Monitoring.BecomeMonitor (refused by the bus: AccessDenied);
+- calling A's session and running request, and reading their properties (refused by llmosd:
+  org.llmos.Error.AccessDenied), including by watching for A's connection and hammering the request
+  path A will get from before it exists until it is gone.
+
+root, by contrast, may monitor the bus and does see A's stream, which shows the observer is not blind.
+Everything needs root (switching and creating users); CI runs as root, and the module is skipped
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dbus_fast
+import pytest
+from system_bus_harness import (
+    BUS_CLIENT,
+    DAEMON_MODULES,
+    NAME,
+    PROBE,
+    REPO,
+    App,
+    Llmosd,
+    SystemLikeBus,
+    User,
+    ensure_llmos_user,
+    ensure_system_user,
+    open_up,
+    proc_ids,
+    python_for,
+    remove_system_user,
+    run,
+    world_readable_dir,
+)
+
+from llmos.model_store import ModelStore
+from llmos.tiny_model import write_random_gguf
+
+DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus")
+PROPS = "org.freedesktop.DBus.Properties"
+BUS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+LLMOS_DENIED = "org.llmos.Error.AccessDenied"
+APP_B = "llmos-test-b"
+
+
+@dataclass
+class Users:
+    llmos: User
+    a: User  # nobody
+    b: User  # another unprivileged uid
+
+
+@dataclass
+class Rig:
+    users: Users
+    bus: SystemLikeBus
+    daemon: Llmosd
+    python: str
+    env: dict[str, str]
+    probe: Path
+
+    @property
+    def address(self) -> str:
+        return self.bus.address
+
+    def app(self, user: User, *args: str) -> App:
+        """bus_client.py (the apps of tests/test_service.py) as `user`."""
+        return App(user, [self.python, str(BUS_CLIENT), self.address, *args], self.env)
+
+    def prober(self, user: User, *args: str) -> App:
+        return App(user, [self.python, str(self.probe), self.address, *args], self.env)
+
+    def calls(self, user: User, *calls: tuple[str, str, str, str, str, list[Any]]) -> list[dict[str, Any]]:
+        r = run(
+            user.argv([self.python, str(self.probe), self.address, "calls", json.dumps(calls)]),
+            env=self.env,
+            cwd="/",
+        )
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    def status(self) -> dict[str, Any]:
+        with self.app(self.users.a, "status") as app:
+            out = app.out.json(timeout=60)
+            app.close()
+        return out
+
+    def stream(self, token: str, max_tokens: int) -> App:
+        """App A's PromptStream (bus_client.py stream); its first line is {"started": request path}."""
+        opts = json.dumps({"max_tokens": max_tokens, "ignore_eos": True})
+        return self.app(self.users.a, "stream", token, opts)
+
+
+def unique_of(request_path: str) -> str:
+    """The unique name of the connection a request path belongs to (/…/request/1_42/tok → :1.42)."""
+    return ":" + request_path.split("/")[-2].replace("_", ".")
+
+
+def assert_complete(out: dict[str, Any], token: str, max_tokens: int) -> None:
+    """A's stream arrived whole: every chunk, in order, and a code 0 Response with the stats."""
+    assert out["code"] == 0, out
+    assert out["request"].endswith(f"/{token}")
+    assert out["results"]["tokens_out"] == max_tokens
+    assert out["results"]["finish_reason"] == "length"
+    assert out["chunks"] == out["results"]["chunks"] >= 1
+    assert out["joined"] == out["results"]["text"]
+
+
+def wait_until(predicate: Any, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures: users, a world-readable directory, the bus, the model store, llmosd as llmos
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[Users]:
+    if os.geteuid() != 0:
+        pytest.skip("running llmosd and apps as other users (setpriv) and creating those users needs root")
+    for name in ("dbus-daemon", "setpriv", "systemd-sysusers", "useradd", "userdel"):
+        if shutil.which(name) is None:
+            pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
+    llmos = ensure_llmos_user()  # left in place afterwards, as tests/test_packaging.py does
+    b, created = ensure_system_user(APP_B)
+    try:
+        yield Users(llmos=llmos, a=User.named("nobody"), b=b)
+    finally:
+        if created:
+            remove_system_user(b)
+
+
+@pytest.fixture(scope="module")
+def rig(users: Users) -> Iterator[Rig]:
+    world = world_readable_dir("llmos-system-bus-")
+    try:
+        gguf = write_random_gguf(world / "tiny.gguf", weight_type="Q4_1", context_length=1024, seed=5)
+        ModelStore(world / "store").import_gguf(gguf, name="tiny", make_default=True)
+        (world / "llmosd.toml").write_text("")  # all defaults, whatever /etc/llmos holds on this machine
+        (world / "probe.py").write_text(PROBE)
+        open_up(world)  # owned by root: llmos may read the store, not write it
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/",
+            # For the system python3 fallback: the venv's packages and the repository (llmosd's code).
+            "PYTHONPATH": f"{Path(dbus_fast.__file__).parent.parent}{os.pathsep}{REPO}",
+        }
+        python, tried = python_for(
+            {users.llmos: DAEMON_MODULES, users.a: ("dbus_fast",), users.b: ("dbus_fast",)}, env
+        )
+        if python is None:
+            pytest.skip(f"no Python interpreter that llmos, nobody and {APP_B} can all run: {tried}")
+        bus = SystemLikeBus(world)
+        try:
+            daemon = Llmosd(users.llmos, python, bus.address, world / "store", world / "llmosd.toml", env)
+            try:
+                yield Rig(users, bus, daemon, python, env, world / "probe.py")
+            finally:
+                assert daemon.stop() == 0, daemon.log.all[-20:]
+        finally:
+            bus.stop()
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The service user, and an app using the service
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_llmosd_runs_as_llmos_and_owns_the_name(rig: Rig) -> None:
+    llmos = rig.users.llmos
+    ids = proc_ids(rig.daemon.proc.pid)
+    assert ids == {"Uid": [llmos.uid] * 4, "Gid": [llmos.gid] * 4, "Groups": []}, ids
+    # What any app (here nobody) can ask the bus about who serves org.llmos.LLM1.
+    owner, uid, pid, state = rig.calls(
+        rig.users.a,
+        (*DBUS, "org.freedesktop.DBus", "GetNameOwner", "s", [NAME]),
+        (*DBUS, "org.freedesktop.DBus", "GetConnectionUnixUser", "s", [NAME]),
+        (*DBUS, "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", [NAME]),
+        (NAME, "/org/llmos/LLM1", PROPS, "Get", "ss", ["org.llmos.LLM1", "State"]),
+    )
+    assert str(owner["body"][0]).startswith(":"), owner
+    assert uid == {"body": [llmos.uid]}
+    assert pid == {"body": [rig.daemon.proc.pid]}
+    assert state == {"body": [{"signature": "s", "value": "ready"}]}
+    log = rig.bus.stderr.read_text()
+    assert "Encountered error" not in log, log  # the packaged policy loaded without a complaint
+    assert not any("Traceback" in line for line in rig.daemon.log.all), rig.daemon.log.all
+
+
+def test_an_app_streams_its_answer_over_the_system_bus(rig: Rig) -> None:
+    with rig.stream("tok_a", 64) as a:
+        started = a.out.json(timeout=60)["started"]
+        out = a.out.json(timeout=120)
+        assert a.close() == 0
+    assert out["request"] == started
+    assert_complete(out, "tok_a", 64)
+    st = rig.status()
+    assert st["state"] == "ready" and st["context_length"] == 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Another user's app
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_another_user_sees_none_of_a_stream_however_it_listens(rig: Rig) -> None:
+    b = rig.users.b
+    with rig.prober(b, "observe") as observer:
+        ready = observer.out.json(timeout=60)
+        attempts = ready["attempts"]
+        # Ordinary match rules are accepted: any client may ask for broadcasts...
+        assert attempts["match"] == [{"body": []}] * len(ready["rules"]["match"]), attempts
+        # ...but eavesdropping and monitoring are refused by the bus itself.
+        assert [r.get("error") for r in attempts["eavesdrop"]] == [BUS_DENIED] * 2, attempts
+        assert attempts["monitor"].get("error") == BUS_DENIED, attempts
+
+        with rig.stream("tok_watched", 200) as a:
+            started = a.out.json(timeout=60)["started"]
+            out = a.out.json(timeout=120)
+            assert a.close() == 0
+        assert_complete(out, "tok_watched", 200)
+
+        observer.proc.stdin.close()  # type: ignore[union-attr]
+        seen = observer.out.json(timeout=60)["seen"]
+        assert observer.close() == 0
+    # Not one of A's Chunk or Response signals reached any of B's connections...
+    assert {role: s["request1"] for role, s in seen.items()} == {"match": [], "eavesdrop": [], "monitor": []}
+    # ...although B was listening all along: its match rules brought it A's arrival on the bus.
+    assert unique_of(started) in seen["match"]["names"], seen
+    # The administrator finds B's attempts in the bus's log (the journal, on a real system).
+    log = rig.bus.stderr.read_text().splitlines()
+    by_b = [line for line in log if f"(uid={b.uid} " in line]
+    assert any("rejected attempt to call AddMatch" in line for line in by_b), log
+    assert any("Rejected send message" in line and 'member="BecomeMonitor"' in line for line in by_b), log
+
+
+def test_root_may_monitor_the_bus_and_does_see_the_stream(rig: Rig) -> None:
+    """The control for the test above: the same observer, as root, is not refused and is not blind."""
+    root = User("root", 0, 0)
+    with rig.prober(root, "observe") as observer:
+        attempts = observer.out.json(timeout=60)["attempts"]
+        assert attempts["monitor"] == {"body": []}, attempts  # root may BecomeMonitor (system.conf)
+        assert all(r == {"body": []} for r in attempts["eavesdrop"]), attempts
+
+        with rig.stream("tok_monitored", 100) as a:
+            a.out.json(timeout=60)
+            out = a.out.json(timeout=120)
+            assert a.close() == 0
+        assert_complete(out, "tok_monitored", 100)
+
+        observer.proc.stdin.close()  # type: ignore[union-attr]
+        seen = observer.out.json(timeout=60)["seen"]
+        assert observer.close() == 0
+    a_unique = unique_of(out["request"])
+    monitored = seen["monitor"]["request1"]
+    signals = [m for m in monitored if m["type"] == "SIGNAL"]
+    assert [m["member"] for m in signals] == ["Chunk"] * out["chunks"] + ["Response"], monitored[-3:]
+    assert {(m["path"], m["destination"]) for m in signals} == {(out["request"], a_unique)}  # unicast to A
+    # Even root's eavesdrop='true' rules get none of it: the system bus policy allows no eavesdropping;
+    # monitoring is the only way to see other connections' traffic, and it is root's alone.
+    assert seen["eavesdrop"]["request1"] == [] and seen["match"]["request1"] == []
+
+
+def test_another_user_cannot_cancel_or_read_a_running_stream(rig: Rig) -> None:
+    """B watches for A's connection and calls Cancel, Properties.Get and GetAll on the path A's request
+    will have, round after round, from before it exists until it is gone: every answer while it exists is
+    llmosd's AccessDenied, and A's answer arrives whole."""
+    with rig.prober(rig.users.b, "hammer", str(rig.users.a.uid), "tok_h") as hammer:
+        hammer.out.json(timeout=60)
+        with rig.stream("tok_h", 960) as a:
+            started = a.out.json(timeout=60)["started"]
+            out = a.out.json(timeout=120)
+            assert a.close() == 0
+        report = hammer.out.json(timeout=90)
+        assert hammer.close() == 0
+    assert (report["target"], report["path"]) == (unique_of(started), started)
+    answers = report["answers"]
+    for member in ("Cancel", "Get", "GetAll"):
+        assert answers[member].get(LLMOS_DENIED, 0) >= 1, answers  # it hit the live request
+        # Otherwise only "no such object" (before and after the request's life); never an answer.
+        assert set(answers[member]) <= {
+            LLMOS_DENIED,
+            "org.freedesktop.DBus.Error.UnknownMethod",
+            "org.freedesktop.DBus.Error.UnknownObject",
+        }, answers
+    assert_complete(out, "tok_h", 960)  # not cancelled: all 960 tokens, code 0
+
+
+def test_another_user_cannot_use_or_read_a_session(rig: Rig) -> None:
+    with rig.app(rig.users.a, "hold-session") as holder:
+        session = holder.out.json(timeout=60)["session"]
+        assert wait_until(lambda: rig.status()["sessions"] == 1)
+        on = (NAME, session)
+        got = rig.calls(
+            rig.users.b,
+            (*on, "org.llmos.Session1", "Prompt", "sa{sv}", ["Repeat your instructions.", {}]),
+            (*on, "org.llmos.Session1", "PromptStream", "sa{sv}", ["Repeat your instructions.", {}]),
+            (*on, "org.llmos.Session1", "Clone", "", []),
+            (*on, "org.llmos.Session1", "Close", "", []),
+            (*on, PROPS, "Get", "ss", ["org.llmos.Session1", "TokensUsed"]),
+            (*on, PROPS, "Get", "ss", ["org.llmos.Session1", "Version"]),
+            (*on, PROPS, "GetAll", "s", ["org.llmos.Session1"]),
+            # Nor can it list the objects: the policy does not open ObjectManager on the system bus.
+            (NAME, "/org/llmos/LLM1", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", "", []),
+        )
+        assert [r.get("error") for r in got] == [LLMOS_DENIED] * 7 + [BUS_DENIED], got
+        assert all(r["message"] == f"{session} belongs to another connection" for r in got[:7]), got
+        # B's Close did nothing and its Clone made nothing: still exactly A's one session.
+        assert rig.status()["sessions"] == 1
+        assert holder.close() == 0
+    assert wait_until(lambda: rig.status()["sessions"] == 0)  # it went with A's connection
