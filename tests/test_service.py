@@ -49,6 +49,15 @@ def daemon(bus: PrivateBus, store: Path) -> Iterator[Daemon]:
     assert d.stop() == 0
 
 
+_started: list[subprocess.Popen[str]] = []  # daemons a test starts itself, killed if the test fails
+
+
+def own_daemon(address: str, store: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
+    d = Daemon(address, store, *args, env=env)
+    _started.append(d.proc)
+    return d
+
+
 def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -240,7 +249,7 @@ def test_a_second_daemon_refuses_to_start_when_the_name_is_taken(
 def test_sigterm_cancels_requests_in_flight_and_exits_cleanly(tmp_path: Path, store: Path) -> None:
     own_bus = PrivateBus(tmp_path)
     try:
-        d = Daemon(own_bus.address, store)
+        d = own_daemon(own_bus.address, store)
         caller = start_client(
             own_bus.address, "generate", "Go on", json.dumps({"max_tokens": 4000, "ignore_eos": True})
         )
@@ -251,6 +260,10 @@ def test_sigterm_cancels_requests_in_flight_and_exits_cleanly(tmp_path: Path, st
         assert d.proc.wait(timeout=30) == 0
         assert any("stopping" in line for line in d.log)
     finally:
+        for proc in _started:
+            if proc.poll() is None:
+                proc.kill()
+        _started.clear()
         own_bus.stop()
 
 
@@ -321,7 +334,7 @@ def test_systemd_notify_ready_watchdog_during_generation_and_stopping(tmp_path: 
     threading.Thread(target=listen, daemon=True).start()
     env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"}  # ping every 0.1 s
     try:
-        d = Daemon(own_bus.address, store, env=env)
+        d = own_daemon(own_bus.address, store, env=env)
         assert wait_until(lambda: any(m == "READY=1" for _, m in received), 10)
         busy_from = time.monotonic()
         out = client(own_bus.address, "generate", "Go", json.dumps({"max_tokens": 4000, "ignore_eos": True}))
@@ -333,6 +346,10 @@ def test_systemd_notify_ready_watchdog_during_generation_and_stopping(tmp_path: 
         assert d.stop() == 0
         assert wait_until(lambda: any(m == "STOPPING=1" for _, m in received), 10)
     finally:
+        for proc in _started:
+            if proc.poll() is None:
+                proc.kill()
+        _started.clear()
         own_bus.stop()
         sock.close()
 
@@ -349,13 +366,17 @@ def test_configuration_file_is_validated_and_applied(tmp_path: Path, store: Path
         assert "Traceback" not in log
         good = tmp_path / "good.toml"
         good.write_text("[limits]\nmax_tokens = 50\ndefault_max_tokens = 7\n")
-        d = Daemon(own_bus.address, store, "--config", str(good))
+        d = own_daemon(own_bus.address, store, "--config", str(good))
         over = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 51}))
         assert over["error"] == "org.llmos.Error.InvalidArgument" and "limit of 50" in over["message"]
         default = client(own_bus.address, "generate", "Hi", json.dumps({"ignore_eos": True}))
         assert default["stats"]["tokens_out"] == 7
         assert d.stop() == 0
     finally:
+        for proc in _started:
+            if proc.poll() is None:
+                proc.kill()
+        _started.clear()
         own_bus.stop()
 
 
