@@ -38,7 +38,9 @@ class LimitsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> LimitsConfig:
-        if self.default_max_tokens > self.max_tokens:
+        if "default_max_tokens" not in self.model_fields_set:  # unset: follow a lowered limit
+            self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
+        elif self.default_max_tokens > self.max_tokens:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) is over max_tokens ({self.max_tokens})"
             )

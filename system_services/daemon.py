@@ -57,8 +57,18 @@ class CallInFlight:
 class Daemon:
     """What the D-Bus objects share: the bus, the engine and its worker, sessions and their owners."""
 
-    def __init__(self, config: DaemonConfig, engine: LLMEngine, bus: MessageBus) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        engine: LLMEngine,
+        bus: MessageBus,
+        *,
+        config_path: Path | None = None,
+        store_root: Path | None = None,
+        on_system_bus: bool = False,
+    ) -> None:
         self.config, self.engine, self.bus = config, engine, bus
+        self.config_path, self.store_root, self.on_system_bus = config_path, store_root, on_system_bus
         self.worker = EngineWorker(engine, asyncio.get_running_loop())
         self.ownership = Ownership()
         self.sessions: dict[str, SessionObject] = {}
@@ -128,10 +138,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def store_root_for(args: argparse.Namespace, config: DaemonConfig) -> Path | None:
+    return args.store or config.engine.model_dir or (SYSTEM_MODEL_DIR if args.system else None)
+
+
 def load_engine(args: argparse.Namespace, config: DaemonConfig) -> LLMEngine:
     ec = config.engine
-    store_root = args.store or ec.model_dir or (SYSTEM_MODEL_DIR if args.system else None)
-    model_dir = ModelStore(store_root).resolve(args.model or ec.model)
+    model_dir = ModelStore(store_root_for(args, config)).resolve(args.model or ec.model)
     log.info("loading %s", model_dir)
     return LLMEngine(
         model_dir,
@@ -148,7 +161,14 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     bus = await PrivateObjectsBus(bus_type=bus_type, bus_address=args.address).connect()
     guard_send_buffer(bus)
     install_caller_tracking(bus)
-    daemon = Daemon(config, engine, bus)
+    daemon = Daemon(
+        config,
+        engine,
+        bus,
+        config_path=args.config,
+        store_root=store_root_for(args, config),
+        on_system_bus=bool(args.system),
+    )
     bus.export(PATH, LLMObject(daemon))
     daemon.watch_owners()
     await bus.call(

@@ -13,7 +13,11 @@ from dbus_fast import Variant
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from llmos.errors import LlmosError
+from llmos.model_store import ModelStore
+from system_services.authority import ACTION_CONFIG_RELOAD, ACTION_MODEL_IMPORT, authorize
 from system_services.caller import current_sender, identify
+from system_services.config import DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import Job
 from system_services.options import parse_options
@@ -118,6 +122,69 @@ class LLMObject(ServiceInterface):
             return len(tokenizer.encode(text, parse_special=False))
         # long texts off the event loop: a megabyte takes about a second to tokenize
         return len(await asyncio.to_thread(tokenizer.encode, text, parse_special=False))
+
+    # -- admin methods: root or polkit (packaging/polkit/org.llmos.policy) --------------------------------
+    @method()
+    async def ReloadConfig(self) -> "a{sv}":
+        """Re-read the configuration file. Limits apply at once; engine settings need a restart."""
+        caller = await identify(self.daemon.bus, current_sender())
+        await authorize(
+            caller, ACTION_CONFIG_RELOAD, daemon_bus_is_system=self.daemon.on_system_bus, bus=self.daemon.bus
+        )
+        try:
+            fresh = DaemonConfig.load(self.daemon.config_path)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+        pending = sorted(
+            k for k, v in fresh.engine.model_dump().items() if v != getattr(self.daemon.config.engine, k)
+        )
+        self.daemon.config = fresh.model_copy(update={"engine": self.daemon.config.engine})
+        log.info(
+            "configuration reloaded by %s (uid %s)%s",
+            caller.app_id,
+            caller.uid,
+            f"; needs a restart for engine.{', engine.'.join(pending)}" if pending else "",
+        )
+        return {
+            "reloaded": Variant("b", True),
+            "restart_needed": Variant("as", [f"engine.{k}" for k in pending]),
+        }
+
+    @method()
+    async def ImportModel(self, path: "s", options: "a{sv}") -> "s":
+        """Import a GGUF file into the daemon's model store; returns the model directory. Options:
+        precision (s: int4|int8|fp32), name (s), default (b). The served model changes on restart."""
+        caller = await identify(self.daemon.bus, current_sender())
+        await authorize(
+            caller, ACTION_MODEL_IMPORT, daemon_bus_is_system=self.daemon.on_system_bus, bus=self.daemon.bus
+        )
+        allowed = {"precision": "s", "name": "s", "default": "b"}
+        for key, var in options.items():
+            if key not in allowed or var.signature != allowed[key]:
+                raise error(
+                    "InvalidArgument",
+                    f"option {key!r}: ImportModel takes precision (s), name (s), default (b)",
+                )
+        if not path.startswith("/"):
+            raise error(
+                "InvalidArgument", "the path must be absolute (the daemon has its own working directory)"
+            )
+        opts = {k: v.value for k, v in options.items()}
+        store = ModelStore(self.daemon.store_root)
+        try:
+            model_dir = await asyncio.to_thread(
+                store.import_gguf,
+                path,
+                precision=opts.get("precision", "int4"),
+                name=opts.get("name"),
+                make_default=opts.get("default", False),
+            )
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+        except OSError as e:
+            raise error("InvalidArgument", f"{path}: {e.strerror}") from None
+        log.info("model %s imported by %s (uid %s)", model_dir, caller.app_id, caller.uid)
+        return str(model_dir)
 
     @method()
     def GetStatus(self) -> "a{sv}":

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -426,3 +428,140 @@ def test_a_daemon_the_bus_will_not_let_own_the_name_says_so_and_exits(tmp_path: 
         assert "Traceback" not in str(failed.value)
     finally:
         strict.stop()
+
+
+def test_admin_reload_config_applies_limits_and_reports_engine_changes(tmp_path: Path, store: Path) -> None:
+    own_bus = PrivateBus(tmp_path)
+    conf = tmp_path / "llmosd.toml"
+    conf.write_text("[limits]\nmax_tokens = 50\n")
+    try:
+        own_daemon(own_bus.address, store, "--config", str(conf))
+        assert client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 40}))["stats"]
+        conf.write_text("[limits]\nmax_tokens = 30\n[engine]\nthreads = 1\n")
+        done = busctl(
+            own_bus.address, "call", "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1", "ReloadConfig"
+        )
+        assert done.returncode == 0, done.stderr
+        assert '"reloaded" b true' in done.stdout and '"engine.threads"' in done.stdout
+        over = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 40}))
+        assert over["error"] == "org.llmos.Error.InvalidArgument" and "limit of 30" in over["message"]
+        conf.write_text("[limits]\nmax_tokens = 'lots'\n")
+        bad = busctl(
+            own_bus.address, "call", "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1", "ReloadConfig"
+        )
+        assert bad.returncode != 0 and "invalid configuration" in bad.stderr
+        still = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 40}))
+        assert "limit of 30" in still["message"]  # a bad file leaves the working configuration in place
+    finally:
+        for proc in _started:
+            if proc.poll() is None:
+                proc.kill()
+        _started.clear()
+        own_bus.stop()
+
+
+def test_admin_import_model_into_the_daemons_store(
+    bus: PrivateBus, daemon: Daemon, tmp_path: Path, store: Path
+) -> None:
+    gguf = write_random_gguf(tmp_path / "other.gguf", weight_type="Q8_0", seed=9)
+    done = busctl(
+        bus.address,
+        "call",
+        "org.llmos.LLM1",
+        "/org/llmos/LLM1",
+        "org.llmos.LLM1",
+        "ImportModel",
+        "sa{sv}",
+        str(gguf),
+        "2",
+        "name",
+        "s",
+        "other",
+        "precision",
+        "s",
+        "int8",
+    )
+    assert done.returncode == 0, done.stderr
+    model_dir = Path(done.stdout.split('"')[1])
+    assert model_dir == store / "other--int8" and (model_dir / "manifest.json").is_file()
+    for args, message in (
+        (["relative.gguf", "0"], "absolute"),
+        ([str(tmp_path / "missing.gguf"), "0"], "no such model file"),
+        ([str(gguf), "1", "colour", "s", "blue"], "ImportModel takes"),
+    ):
+        bad = busctl(
+            bus.address,
+            "call",
+            "org.llmos.LLM1",
+            "/org/llmos/LLM1",
+            "org.llmos.LLM1",
+            "ImportModel",
+            "sa{sv}",
+            *args,
+        )
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+
+
+def test_admin_methods_refuse_an_unprivileged_caller(store: Path) -> None:
+    """nobody has neither root nor a polkit grant: AccessDenied, naming the polkit action."""
+    if os.getuid() != 0:
+        pytest.skip("running a caller as another user (setpriv) needs root")
+    shared = Path(tempfile.mkdtemp(prefix="llmos-admin-"))
+    shared.chmod(0o755)  # the unprivileged caller must reach the bus socket
+    own_bus = PrivateBus(shared)
+    try:
+        own_daemon(own_bus.address, store)
+        for member, sig, args, action in (
+            ("ReloadConfig", "", [], "org.llmos.config-reload"),
+            ("ImportModel", "sa{sv}", ["/tmp/x.gguf", "0"], "org.llmos.model-import"),
+        ):
+            out = subprocess.run(
+                [
+                    "setpriv",
+                    "--reuid=nobody",
+                    "--regid=nogroup",
+                    "--clear-groups",
+                    "busctl",
+                    f"--address={own_bus.address}",
+                    "call",
+                    "org.llmos.LLM1",
+                    "/org/llmos/LLM1",
+                    "org.llmos.LLM1",
+                    member,
+                    *([sig] if sig else []),
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode != 0 and action in out.stderr, out.stderr
+        # the same caller may still use the model: only admin methods are guarded
+        out = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "busctl",
+                f"--address={own_bus.address}",
+                "call",
+                "org.llmos.LLM1",
+                "/org/llmos/LLM1",
+                "org.llmos.LLM1",
+                "CountTokens",
+                "s",
+                "hello",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and out.stdout.startswith("u "), out.stderr
+    finally:
+        for proc in _started:
+            if proc.poll() is None:
+                proc.kill()
+        _started.clear()
+        own_bus.stop()
+        shutil.rmtree(shared, ignore_errors=True)
