@@ -128,9 +128,16 @@ class EngineWorker:
     def _step(self) -> None:
         try:
             outs = self.engine.step()
-        except LlmosError as e:  # a failing run fails every sequence it touched, not the daemon
-            log.error("engine step failed: %s", e)
-            for job in list(self._jobs.values()):
+        except Exception as e:  # a failing step fails the jobs in it, never the engine thread itself
+            if isinstance(e, LlmosError):
+                log.error("engine step failed: %s", e)
+            else:
+                log.exception("unexpected failure in an engine step")
+            with self._lock:
+                jobs = list(self._jobs.values())
+            for job in jobs:
+                if job.seq is not None and not job.seq.finished:
+                    self.engine.cancel(job.seq)
                 self._release(job)
                 self._deliver_error(job, e)
             return

@@ -15,7 +15,7 @@ import pytest
 from reference_llama import ReferenceLlama
 
 from llmos.engine.llm_engine import LLMEngine
-from llmos.engine.sampling import SamplingParams
+from llmos.engine.sampling import Sampler, SamplingParams
 from llmos.errors import ContextOverflowError, InvalidSamplingError, ModelFormatError, ModelUnavailableError
 from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
@@ -268,3 +268,20 @@ def test_untied_q8_0_head_stays_exact_in_the_int4_graph(tmp_path: Path) -> None:
     got = engine.runner.prefill(engine.pool.allocate(), PROMPT, all_logits=True)
     cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     assert cos.min() > 0.995
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"temperature": 1e-300}, {1}),  # the limit of a vanishing temperature: the top token
+        ({"temperature": 1e-300, "top_p": 0.5, "top_k": 3}, {1}),
+        # a penalty below 1 rewards repeats: token 0 (seen) is boosted past every other
+        ({"temperature": 1.0, "repetition_penalty": 1e-300}, {0}),
+    ],
+)
+def test_extreme_sampling_values_degrade_to_their_limit_instead_of_failing(
+    options: dict, expected: set
+) -> None:
+    logits = np.array([3.0, 250.0, -4.0, 249.5, 0.0], dtype=np.float32)
+    sampler = Sampler(SamplingParams(seed=1, **options))
+    assert sampler(logits, history=[0, 2]) in expected  # never an exception or a NaN draw

@@ -66,17 +66,22 @@ class Sampler:
         if p.repetition_penalty != 1.0 and p.repeat_last_n and history:
             logits = logits.copy()
             recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
-            vals = logits[recent]
-            logits[recent] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            vals = logits[recent].astype(np.float64)
+            with np.errstate(over="ignore"):
+                logits = logits.astype(np.float64)
+                logits[recent] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))
         if 0 < p.top_k < logits.shape[0]:
             cand = np.argpartition(logits, -p.top_k)[-p.top_k :]
         else:
             cand = np.arange(logits.shape[0])
-        scaled = logits[cand].astype(np.float64) / p.temperature
+        with np.errstate(over="ignore"):
+            scaled = logits[cand].astype(np.float64) / p.temperature
         order = np.argsort(-scaled, kind="stable")
         cand, scaled = cand[order], scaled[order]
+        if not np.isfinite(scaled[0]):  # a temperature so small it overflows: its limit is greedy
+            return int(cand[0])
         probs = np.exp(scaled - scaled[0])
         probs /= probs.sum()
         if p.top_p < 1.0:
