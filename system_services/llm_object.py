@@ -21,7 +21,7 @@ from system_services.config import DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import Job
 from system_services.options import parse_options
-from system_services.request_object import stats
+from system_services.request_object import dbus_text, stats
 from system_services.session_object import SESSION_OPTIONS, SessionObject
 
 log = logging.getLogger("llmosd")
@@ -86,6 +86,7 @@ class LLMObject(ServiceInterface):
         )
         self.daemon.check_session_quota(sender)
         caller = await identify(self.daemon.bus, sender)
+        self.daemon.check_session_quota(sender)  # again: other calls may have made sessions meanwhile
         messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
         session = SessionObject(self.daemon, sender, messages, app_id=caller.app_id)
         self.daemon.add_session(session)
@@ -110,7 +111,7 @@ class LLMObject(ServiceInterface):
             result = await self.daemon.run_for_caller(job, current_sender())
         except Exception as e:
             raise to_dbus_error(e) from None
-        return [result.text, stats(result.usage, result.finish_reason.value)]
+        return [dbus_text(result.text), stats(result.usage, result.finish_reason.value)]
 
     @method()
     async def CountTokens(self, text: "s") -> "u":
