@@ -359,11 +359,15 @@ def _chat_via_service(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _service_status(args: argparse.Namespace) -> dict[str, Any]:
     client = cli_service.service_for(args, required=True)
     assert client is not None
     with client:
-        st = cli_service.status(client)
+        return cli_service.status(client)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _service_status(args)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
@@ -374,10 +378,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    client = cli_service.service_for(args, required=True)
-    assert client is not None
-    with client:
-        st = cli_service.status(client)
+    st = _service_status(args)
     by_app: dict[str, int] = st.get("sessions_by_app", {})
     if args.json:
         print(json.dumps({"sessions": st["sessions"], "by_app": by_app}, indent=2, sort_keys=True))

@@ -20,7 +20,7 @@ from system_services.caller import current_sender, identify
 from system_services.config import DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import Job
-from system_services.options import parse_options
+from system_services.options import SAMPLING, parse_options
 from system_services.request_object import dbus_text, stats
 from system_services.session_object import SESSION_OPTIONS, SessionObject
 
@@ -28,20 +28,7 @@ log = logging.getLogger("llmosd")
 IFACE = "org.llmos.LLM1"
 PATH = "/org/llmos/LLM1"
 VERSION = 1
-GENERATE_OPTIONS = frozenset(
-    {
-        "max_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "repetition_penalty",
-        "seed",
-        "stop",
-        "ignore_eos",
-        "priority",
-        "system_prompt",
-    }
-)
+GENERATE_OPTIONS = frozenset({*SAMPLING, "priority", "system_prompt"})
 MAX_COUNT_CHARS = 1 << 20
 INLINE_COUNT_CHARS = 4096
 

@@ -14,7 +14,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method
 from llmos.engine.llm_engine import LLMEngine
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
-from system_services.options import RequestOptions, parse_options
+from system_services.options import SAMPLING, RequestOptions, parse_options
 from system_services.ownership import Ownership
 from system_services.request_object import RequestObject, dbus_text, request_path, stats
 
@@ -22,19 +22,7 @@ IFACE = "org.llmos.Session1"
 VERSION = 1
 _numbers = itertools.count(1)
 SESSION_OPTIONS = frozenset({"system_prompt"})
-PROMPT_OPTIONS = frozenset(
-    {
-        "max_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "repetition_penalty",
-        "seed",
-        "stop",
-        "ignore_eos",
-        "priority",
-    }
-)
+PROMPT_OPTIONS = frozenset({*SAMPLING, "priority"})
 STREAM_OPTIONS = PROMPT_OPTIONS | {"handle_token"}
 
 

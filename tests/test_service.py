@@ -60,6 +60,15 @@ def own_daemon(address: str, store: Path, *args: str, env: dict[str, str] | None
     return d
 
 
+def stop_own(own_bus: PrivateBus) -> None:
+    """Kill the daemons a test started itself (if it failed before stopping them), then their bus."""
+    for proc in _started:
+        if proc.poll() is None:
+            proc.kill()
+    _started.clear()
+    own_bus.stop()
+
+
 def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -262,11 +271,7 @@ def test_sigterm_cancels_requests_in_flight_and_exits_cleanly(tmp_path: Path, st
         assert d.proc.wait(timeout=30) == 0
         assert any("stopping" in line for line in d.log)
     finally:
-        for proc in _started:
-            if proc.poll() is None:
-                proc.kill()
-        _started.clear()
-        own_bus.stop()
+        stop_own(own_bus)
 
 
 def _llmosctl(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -348,11 +353,7 @@ def test_systemd_notify_ready_watchdog_during_generation_and_stopping(tmp_path: 
         assert d.stop() == 0
         assert wait_until(lambda: any(m == "STOPPING=1" for _, m in received), 10)
     finally:
-        for proc in _started:
-            if proc.poll() is None:
-                proc.kill()
-        _started.clear()
-        own_bus.stop()
+        stop_own(own_bus)
         sock.close()
 
 
@@ -375,11 +376,7 @@ def test_configuration_file_is_validated_and_applied(tmp_path: Path, store: Path
         assert default["stats"]["tokens_out"] == 7
         assert d.stop() == 0
     finally:
-        for proc in _started:
-            if proc.poll() is None:
-                proc.kill()
-        _started.clear()
-        own_bus.stop()
+        stop_own(own_bus)
 
 
 def test_a_caller_leaving_mid_generate_cancels_its_work(bus: PrivateBus, daemon: Daemon) -> None:
@@ -453,11 +450,7 @@ def test_admin_reload_config_applies_limits_and_reports_engine_changes(tmp_path:
         still = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 40}))
         assert "limit of 30" in still["message"]  # a bad file leaves the working configuration in place
     finally:
-        for proc in _started:
-            if proc.poll() is None:
-                proc.kill()
-        _started.clear()
-        own_bus.stop()
+        stop_own(own_bus)
 
 
 def test_admin_import_model_into_the_daemons_store(
@@ -559,9 +552,5 @@ def test_admin_methods_refuse_an_unprivileged_caller(store: Path) -> None:
         )
         assert out.returncode == 0 and out.stdout.startswith("u "), out.stderr
     finally:
-        for proc in _started:
-            if proc.poll() is None:
-                proc.kill()
-        _started.clear()
-        own_bus.stop()
+        stop_own(own_bus)
         shutil.rmtree(shared, ignore_errors=True)
