@@ -12,6 +12,7 @@ command -v dbus-daemon >/dev/null 2>&1 || {
 
 run=$(mktemp -d)
 cleanup() {
+  set +e  # always reach the end: a daemon stopped by SIGTERM makes `wait` return 143
   [[ -n "${daemon_pid:-}" ]] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
   [[ -n "${bus_pid:-}" ]] && kill "$bus_pid" 2>/dev/null
   rm -rf "$run"
