@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -262,31 +262,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     if engine.chat_template is None:
         raise ChatTemplateError(f"{engine.manifest.name} has no chat template; use `{PROG} generate --raw`")
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        _note(
-            f"chatting with {engine.manifest.name} ({engine.manifest.precision}); "
-            "/reset starts over, /quit or Ctrl-D leaves"
-        )
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
-    while True:
-        line = _read_turn(interactive)
-        if line is None:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
+    for line in _chat_turns(lambda: f"{engine.manifest.name} ({engine.manifest.precision})"):
+        if line == RESET:
             history.clear()
-            _note("(conversation cleared)")
-            continue
-        if line.startswith("/") and line.split()[0] in ("/help", "/?"):
-            _note("/reset clears the conversation, /quit (or Ctrl-D) leaves")
             continue
         history.append({"role": "user", "content": line})
         try:
@@ -305,9 +285,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if not args.no_stats:
             _note(_stats_line(usage, reason))
+    return 0
+
+
+RESET = "/reset"
+
+
+def _chat_turns(describe: Callable[[], str]) -> Iterator[str]:
+    """The user's turns of an interactive or piped chat: stripped text, or RESET. Handles blank lines,
+    /quit, /help and the greeting; `describe` names the model (asked only on a terminal)."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        _note(f"chatting with {describe()}; /reset starts over, /quit or Ctrl-D leaves")
+    while (raw := _read_turn(interactive)) is not None:
+        line = raw.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/") and line.split()[0] in ("/help", "/?"):
+            _note("/reset clears the conversation, /quit (or Ctrl-D) leaves")
+            continue
+        yield line
+        if line == RESET:
+            _note("(conversation cleared)")
     if interactive:
         sys.stdout.write("\n")
-    return 0
 
 
 def _note_local(args: argparse.Namespace) -> None:
@@ -316,27 +321,12 @@ def _note_local(args: argparse.Namespace) -> None:
 
 
 def _chat_via_service(client: Any, args: argparse.Namespace) -> int:
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        st = client.status()
-        _note(f"chatting with {st['model']} via llmosd; /reset starts over, /quit or Ctrl-D leaves")
     session = client.create_session(system_prompt=args.system)
     options = cli_service.options_from(args)
-    while True:
-        line = _read_turn(interactive)
-        if line is None:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
+    for line in _chat_turns(lambda: f"{client.status()['model']} via llmosd"):
+        if line == RESET:
             session.close()
             session = client.create_session(system_prompt=args.system)
-            _note("(conversation cleared)")
             continue
         try:
             cli_service.stream_answer(session, line, options)
@@ -354,8 +344,6 @@ def _chat_via_service(client: Any, args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if not args.no_stats:
             _note(cli_service.stats_line(session.last_stats))
-    if interactive:
-        sys.stdout.write("\n")
     return 0
 
 
