@@ -96,3 +96,10 @@ def parse_result(stdout: str) -> dict[str, Any] | None:
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER) :])
     return None
+
+
+def write_json(path: Any, doc: dict[str, Any]) -> None:
+    """Save a benchmark's full results (figures, checks, discarded runs) for later comparison."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

@@ -677,9 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "discarded_contended_runs": discarded,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        _common.write_json(args.json, doc)
     return 0
 
 

@@ -146,10 +146,12 @@ class EngineWorker:
             if job is None:
                 continue
             if delta and job.on_delta is not None:
-                self.loop.call_soon_threadsafe(job.on_delta, delta)
+                self.loop.call_soon_threadsafe(job.on_delta, dbus_text(delta))
             if seq.finished:
                 self._release(job)
-                result = JobResult(seq.detok.text, list(seq.output_ids), seq.finish_reason, seq.usage)
+                result = JobResult(
+                    dbus_text(seq.detok.text), list(seq.output_ids), seq.finish_reason, seq.usage
+                )
                 self.loop.call_soon_threadsafe(_set_result, job.future, result)
 
     def _finish_cancelled(self, job: Job) -> None:
@@ -168,6 +170,12 @@ class EngineWorker:
 
     def _deliver_error(self, job: Job, error: Exception) -> None:
         self.loop.call_soon_threadsafe(_set_exception, job.future, error)
+
+
+def dbus_text(text: str) -> str:
+    """Model text as a D-Bus string. D-Bus strings cannot hold NUL, which a model may emit (byte 0x00):
+    done here, where all text leaves the engine, so every reply and signal is sendable."""
+    return text.replace("\x00", "\ufffd")
 
 
 def _set_result(fut: asyncio.Future[JobResult] | None, result: JobResult) -> None:

@@ -21,7 +21,7 @@ from system_services.config import DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import Job
 from system_services.options import SAMPLING, parse_options
-from system_services.request_object import dbus_text, stats
+from system_services.request_object import stats
 from system_services.session_object import SESSION_OPTIONS, SessionObject
 
 log = logging.getLogger("llmosd")
@@ -98,7 +98,7 @@ class LLMObject(ServiceInterface):
             result = await self.daemon.run_for_caller(job, current_sender())
         except Exception as e:
             raise to_dbus_error(e) from None
-        return [dbus_text(result.text), stats(result.usage, result.finish_reason.value)]
+        return [result.text, stats(result.usage, result.finish_reason.value)]
 
     @method()
     async def CountTokens(self, text: "s") -> "u":

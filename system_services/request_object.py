@@ -30,11 +30,6 @@ def request_path(sender: str, token: str) -> str:
     return f"/org/llmos/LLM1/request/{sender.lstrip(':').replace('.', '_')}/{token}"
 
 
-def dbus_text(text: str) -> str:
-    """Model output as a D-Bus string: D-Bus strings cannot hold NUL, which a model may emit (byte 0x00)."""
-    return text.replace("\x00", "\ufffd")
-
-
 def stats(usage: Usage, finish_reason: str) -> dict[str, Variant]:
     return {
         "finish_reason": Variant("s", finish_reason),
@@ -108,7 +103,7 @@ class RequestObject(ServiceInterface):
     def _send_chunk(self, text: str) -> None:
         if not self._closed:
             self._chunks += 1
-            self._unicast("Chunk", "s", [dbus_text(text)])
+            self._unicast("Chunk", "s", [text])
 
     async def _wait(self, fut: asyncio.Future[JobResult]) -> None:
         try:
@@ -131,7 +126,7 @@ class RequestObject(ServiceInterface):
             if self._on_result is not None:
                 self._on_result(result)
             body = {
-                "text": Variant("s", dbus_text(result.text)),
+                "text": Variant("s", result.text),
                 "chunks": Variant("u", self._chunks),
                 **stats(result.usage, result.finish_reason.value),
             }

@@ -16,7 +16,7 @@ from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.options import SAMPLING, RequestOptions, parse_options
 from system_services.ownership import Ownership
-from system_services.request_object import RequestObject, dbus_text, request_path, stats
+from system_services.request_object import RequestObject, request_path, stats
 
 IFACE = "org.llmos.Session1"
 VERSION = 1
@@ -86,7 +86,7 @@ class SessionObject(ServiceInterface):
         if self._closed:  # closed after the answer was made, before this call got it
             raise error("Cancelled", "the session was closed")
         self._record(text, result)
-        return [dbus_text(result.text), stats(result.usage, result.finish_reason.value)]
+        return [result.text, stats(result.usage, result.finish_reason.value)]
 
     @method()
     def PromptStream(self, text: "s", options: "a{sv}") -> "o":

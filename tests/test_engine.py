@@ -285,3 +285,19 @@ def test_extreme_sampling_values_degrade_to_their_limit_instead_of_failing(
     logits = np.array([3.0, 250.0, -4.0, 249.5, 0.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(seed=1, **options))
     assert sampler(logits, history=[0, 2]) in expected  # never an exception or a NaN draw
+
+
+def test_the_penalty_window_is_the_tail_of_prompt_and_output(
+    llama_fp32: tuple[LLMEngine, ReferenceLlama],
+) -> None:
+    engine, _ = llama_fp32
+    for prompt_len in (1, 3, 70):
+        seq = engine.add_request(list(range(5, 5 + prompt_len)), SamplingParams(max_tokens=5))
+        try:
+            seq.output_ids = [900, 901, 902]
+            for n in (0, 1, 2, 3, 4, 64):
+                expected = (seq.prompt_ids + seq.output_ids)[-n:] if n else []
+                assert seq.recent(n) == expected
+        finally:
+            engine.cancel(seq)
+            engine.release(seq)

@@ -502,35 +502,9 @@ def test_admin_methods_refuse_an_unprivileged_caller(store: Path) -> None:
     shared = Path(tempfile.mkdtemp(prefix="llmos-admin-"))
     shared.chmod(0o755)  # the unprivileged caller must reach the bus socket
     own_bus = PrivateBus(shared)
-    try:
-        own_daemon(own_bus.address, store)
-        for member, sig, args, action in (
-            ("ReloadConfig", "", [], "org.llmos.config-reload"),
-            ("ImportModel", "sa{sv}", ["/tmp/x.gguf", "0"], "org.llmos.model-import"),
-        ):
-            out = subprocess.run(
-                [
-                    "setpriv",
-                    "--reuid=nobody",
-                    "--regid=nogroup",
-                    "--clear-groups",
-                    "busctl",
-                    f"--address={own_bus.address}",
-                    "call",
-                    "org.llmos.LLM1",
-                    "/org/llmos/LLM1",
-                    "org.llmos.LLM1",
-                    member,
-                    *([sig] if sig else []),
-                    *args,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert out.returncode != 0 and action in out.stderr, out.stderr
-        # the same caller may still use the model: only admin methods are guarded
-        out = subprocess.run(
+
+    def as_nobody(*call: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [
                 "setpriv",
                 "--reuid=nobody",
@@ -542,14 +516,23 @@ def test_admin_methods_refuse_an_unprivileged_caller(store: Path) -> None:
                 "org.llmos.LLM1",
                 "/org/llmos/LLM1",
                 "org.llmos.LLM1",
-                "CountTokens",
-                "s",
-                "hello",
+                *call,
             ],
             capture_output=True,
             text=True,
             timeout=60,
         )
+
+    try:
+        own_daemon(own_bus.address, store)
+        for call, action in (
+            (["ReloadConfig"], "org.llmos.config-reload"),
+            (["ImportModel", "sa{sv}", "/tmp/x.gguf", "0"], "org.llmos.model-import"),
+        ):
+            out = as_nobody(*call)
+            assert out.returncode != 0 and action in out.stderr, out.stderr
+        # the same caller may still use the model: only admin methods are guarded
+        out = as_nobody("CountTokens", "s", "hello")
         assert out.returncode == 0 and out.stdout.startswith("u "), out.stderr
     finally:
         stop_own(own_bus)

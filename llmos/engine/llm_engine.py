@@ -181,7 +181,7 @@ class LLMEngine:
         if seq.prefilled < len(seq.prompt_ids):
             return [(seq, "")]
         self.waiting.popleft()
-        delta = seq.accept(seq.sampler(logits[-1], seq.history))
+        delta = seq.accept(seq.sample(logits[-1]))
         if seq.finished:
             self._retire(seq)
         else:
@@ -203,7 +203,7 @@ class LLMEngine:
         out = []
         for s, row in zip(batch, logits, strict=True):
             s.usage.decode_s += dt
-            out.append((s, s.accept(s.sampler(row, s.history))))
+            out.append((s, s.accept(s.sample(row))))
             if s.finished:
                 self._retire(s)
         return out

@@ -6,6 +6,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import Any
 
 from llmos.engine.detokenizer import IncrementalDetokenizer
 from llmos.engine.kv_cache import KVCache
@@ -62,6 +63,9 @@ class Sequence:
     created: float = field(default_factory=time.perf_counter)
     sampler: Sampler = field(init=False)
 
+    def sample(self, logits: Any) -> int:
+        return self.sampler(logits, self.recent(self.params.repeat_last_n))
+
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
         self.usage.prompt_tokens = len(self.prompt_ids)
@@ -74,9 +78,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    @property
-    def history(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def recent(self, n: int) -> list[int]:
+        """The last `n` tokens of prompt and output: what the repetition penalty looks at. Built from the
+        tails only, since it is asked for on every token."""
+        if n <= 0:
+            return []
+        out = self.output_ids[-n:]
+        if len(out) == n:
+            return out
+        return self.prompt_ids[max(0, len(self.prompt_ids) - (n - len(out))) :] + out
 
     def accept(self, token: int) -> str:
         """Record a sampled token; return the text it releases and finish the sequence if it should stop."""
