@@ -83,3 +83,21 @@ class ModelUnavailableError(LlmosError):
     """The model cannot be loaded or run right now (missing files, runtime failure)."""
 
     dbus_name = "ModelUnavailable"
+
+
+class SwapFileError(LlmosError):
+    """A swapped-out KV file is missing, truncated, corrupt or for another model: recompute instead."""
+
+    dbus_name = "Failed"
+
+
+class QuotaExceededError(LlmosError):
+    """An app is over one of its quotas (sessions, tokens per minute, context, queued requests)."""
+
+    dbus_name = "QuotaExceeded"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None:
+            message = f"{message}; retry after {retry_after_s:.1f} s"
+        super().__init__(message)

@@ -236,10 +236,10 @@ def test_quantized_graphs_track_the_reference(tmp_path: Path, weight_type: str, 
 
 
 def test_kv_pool_growth_mid_generation_changes_nothing(tmp_path: Path) -> None:
-    """The pool starts at 16 positions and doubles while sequences are prefilling and decoding."""
+    """The pool starts at 15 positions and doubles while sequences are prefilling and decoding."""
     big, _ = _engine(tmp_path / "a")
-    small, _ = _engine(tmp_path / "b", kv_initial_len=16)
-    assert small.pool.capacity == 16
+    small, _ = _engine(tmp_path / "b", kv_initial_len=8)
+    assert small.pool.capacity == 15  # 8 asked for, rounded up to 16 rows per slot (whole pages)
     prompts = [PROMPT, PROMPT[:3], PROMPT * 2]
     sp = SamplingParams(max_tokens=40, ignore_eos=True)
     assert [c.token_ids for c in small.generate_batch(prompts, sp)] == [

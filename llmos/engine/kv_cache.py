@@ -12,6 +12,11 @@ space grows with the capacity (tokens x heads x capacity floats), not with the p
 
 One extra position per slot (capacity + 1) lets a batched decode step write a throw-away row into a slot
 that only fills a gap in the batch, at that slot's current length, without ever running off its end.
+
+Positions per slot are a multiple of 16, so every [layer, K|V, slot] block starts and ends on a page
+boundary (16 positions x heads x head_dim x 4 bytes is a multiple of 4 KiB for any head_dim multiple of
+16): a freed slot's pages are handed back to the kernel (MADV_DONTNEED), so the KV memory the service
+accounts for is the memory it really holds.
 """
 
 from __future__ import annotations
@@ -60,6 +65,24 @@ class KVCache:
     def nbytes(self) -> int:
         return self.length * self.pool.bytes_per_token
 
+    def export(self, length: int | None = None) -> np.ndarray:
+        """A compact copy of the first `length` positions: [layers, 2, kv_heads, length, head_dim]."""
+        n = self.length if length is None else length
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot export {n} positions of a {self.length}-position cache")
+        return np.ascontiguousarray(self.pool.data[:, :, self.slot, :, :n])
+
+    def load(self, kv: np.ndarray) -> None:
+        """Replace this slot's contents with an exported copy (the inverse of `export`)."""
+        n = kv.shape[3]
+        expect = (self.pool.n_layer, 2, self.pool.n_head_kv, n, self.pool.head_dim)
+        if kv.shape != expect:
+            raise ValueError(f"KV of shape {kv.shape} does not fit this pool (expected {expect})")
+        self.length = 0
+        self.reserve(n)
+        self.pool.data[:, :, self.slot, :, :n] = kv
+        self.length = n
+
     def free(self) -> None:
         self.pool.release(self)
 
@@ -80,10 +103,19 @@ class KVPool:
         self._owners: dict[int, KVCache] = {}
 
     def _allocate(self, capacity: int) -> np.ndarray:
-        shape = (self.n_layer, 2, self.slots, self.n_head_kv, capacity + 1, self.head_dim)
+        positions = -(-(capacity + 1) // GROWTH_ALIGN) * GROWTH_ALIGN
+        shape = (self.n_layer, 2, self.slots, self.n_head_kv, positions, self.head_dim)
         self._map = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.capacity = capacity
+        self.capacity = positions - 1
+        self._block = self.n_head_kv * positions * self.head_dim * 4  # bytes of one [layer, kind, slot]
         return np.frombuffer(self._map, dtype=np.float32).reshape(shape)  # zero-filled by the kernel
+
+    def _discard(self, slot: int) -> None:
+        """Give a free slot's pages back to the kernel; they read as zeros when next touched."""
+        if self._block % mmap.PAGESIZE:
+            return  # an odd head_dim: blocks are not page-aligned, keep the pages (correct, just bigger)
+        for lk in range(self.n_layer * 2):
+            self._map.madvise(mmap.MADV_DONTNEED, (lk * self.slots + slot) * self._block, self._block)
 
     def ensure(self, length: int) -> None:
         """Grow the capacity to hold `length` positions, copying every live sequence across."""
@@ -111,6 +143,8 @@ class KVPool:
         if self._owners.get(cache.slot) is cache:
             del self._owners[cache.slot]
             self._free.append(cache.slot)
+            if cache.length:
+                self._discard(cache.slot)
             cache.length = 0
 
     def occupant(self, slot: int) -> KVCache | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llmos.chat_template import ChatTemplate
 from llmos.engine.detokenizer import IncrementalDetokenizer
-from llmos.engine.kv_cache import KVCache, KVPool
+from llmos.engine.kv_cache import KVPool
 from llmos.engine.memory import release_free_heap
 from llmos.engine.model_runner import ModelRunner, RunnerOptions
 from llmos.engine.sampling import SamplingParams
@@ -73,7 +73,7 @@ class LLMEngine:
         self.context_length = min(m.context_length, max_context or m.context_length)
         if prefill_chunk < 1:
             raise InvalidSamplingError("prefill_chunk must be at least 1")
-        self.prefill_chunk = prefill_chunk
+        self.chunk_tokens = prefill_chunk
         self.pool = KVPool(m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch, kv_initial_len)
         self.runner = ModelRunner(
             self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers)
@@ -118,28 +118,32 @@ class LLMEngine:
         return len(self.encode_prompt(prompt))
 
     # -- requests -----------------------------------------------------------------------------------------
-    def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, cache: KVCache | None = None
+    def new_sequence(
+        self, prompt: Prompt, params: SamplingParams | None = None, max_len: int | None = None
     ) -> Sequence:
-        """Queue a request. With `cache`, the prompt is appended to a sequence already in that cache."""
+        """A validated sequence with no KV slot yet: whoever schedules it gives it one (see `admit`)."""
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         if not ids:
             raise InvalidSamplingError("the prompt is empty")
         if any(not 0 <= t < self.manifest.n_vocab for t in ids):
             raise InvalidSamplingError(f"token ids must be in [0, {self.manifest.n_vocab})")
-        past = cache.length if cache is not None else 0
-        if past + len(ids) + 1 > self.context_length:
-            raise ContextOverflowError(
-                past + len(ids) + 1, self.context_length, "the prompt (plus one generated token)"
-            )
-        seq = Sequence(
+        limit = min(self.context_length, max_len or self.context_length)
+        if len(ids) + 1 > limit:
+            raise ContextOverflowError(len(ids) + 1, limit, "the prompt (plus one generated token)")
+        return Sequence(
             prompt_ids=ids,
             params=params,
             eos_ids=self.eos_ids,
             detok=IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop),
-            cache=cache if cache is not None else self.pool.allocate(),
+            cache=None,
+            max_len=limit,
         )
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Sequence:
+        """Queue a request on this engine's own FIFO schedule, with a KV slot of its own."""
+        seq = self.new_sequence(prompt, params)
+        seq.cache = self.pool.allocate()
         self.waiting.append(seq)
         return seq
 
@@ -156,7 +160,8 @@ class LLMEngine:
     def release(self, seq: Sequence) -> None:
         """Free a finished sequence's KV memory (generate/stream do this unless asked to keep it)."""
         self._retire(seq)
-        seq.cache.free()
+        if seq.cache is not None:
+            seq.cache.free()
 
     @property
     def has_work(self) -> bool:
@@ -165,48 +170,57 @@ class LLMEngine:
     def step(self) -> list[tuple[Sequence, str]]:
         """One prefill chunk or one batched decode step; returns (sequence, new text) for each touched."""
         if self.waiting:
-            return self._prefill_step(self.waiting[0])
+            seq = self.waiting[0]
+            delta = self.prefill_chunk(seq)
+            if delta is None:
+                return [(seq, "")]
+            self.waiting.popleft()
+            if not seq.finished:
+                self.running.append(seq)
+            return [(seq, delta)]
         if self.running:
-            return self._decode_step()
+            batch = list(self.running)
+            out = list(zip(batch, self.decode(batch), strict=True))
+            for s in batch:
+                if s.finished:
+                    self._retire(s)
+            return out
         return []
 
-    def _prefill_step(self, seq: Sequence) -> list[tuple[Sequence, str]]:
+    # -- the two primitives any scheduler composes (this FIFO one, or llmos.arbiter's) ---------------------
+    def prefill_chunk(self, seq: Sequence) -> str | None:
+        """Feed the next chunk of `seq`'s prompt; at its end sample the first token and return its text
+        (None while prompt remains). `seq.prefilled` may start above 0 when its cache was restored."""
+        assert seq.cache is not None, "a sequence needs a KV slot before prefill"
         t0 = time.perf_counter()
-        if seq.prefilled == 0:
-            seq.cache.reserve(len(seq.prompt_ids) + 1)  # grow the pool once, before choosing the chunk
+        seq.cache.reserve(len(seq.prompt_ids) - seq.cache.length + 1)  # grow once, before the chunk size
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self._chunk_size()]
         logits = self.runner.prefill(seq.cache, chunk)
         seq.prefilled += len(chunk)
         seq.usage.prefill_s += time.perf_counter() - t0
         if seq.prefilled < len(seq.prompt_ids):
-            return [(seq, "")]
-        self.waiting.popleft()
+            return None
         delta = seq.accept(seq.sample(logits[-1]))
-        if seq.finished:
-            self._retire(seq)
-        else:
+        if not seq.finished:
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return [(seq, delta)]
+        return delta
+
+    def decode(self, batch: list[Sequence]) -> list[str]:
+        """One new token for every sequence in `batch`, in one batched run; their new text, in order."""
+        t0 = time.perf_counter()
+        logits = self.runner.decode([s.cache for s in batch], [s.last_token for s in batch])  # type: ignore[misc]
+        dt = time.perf_counter() - t0
+        out = []
+        for s, row in zip(batch, logits, strict=True):
+            s.usage.decode_s += dt
+            out.append(s.accept(s.sample(row)))
+        return out
 
     def _chunk_size(self) -> int:
         """Prefill chunk: as asked, but small enough that attention scratch (tokens x heads x capacity
         floats, allocated by onnxruntime) stays under ATTENTION_SCRATCH bytes on long contexts."""
         per_token = self.manifest.n_head * (self.pool.capacity + 1) * 4
-        return max(MIN_CHUNK, min(self.prefill_chunk, ATTENTION_SCRATCH // per_token))
-
-    def _decode_step(self) -> list[tuple[Sequence, str]]:
-        t0 = time.perf_counter()
-        batch = list(self.running)
-        logits = self.runner.decode([s.cache for s in batch], [s.last_token for s in batch])
-        dt = time.perf_counter() - t0
-        out = []
-        for s, row in zip(batch, logits, strict=True):
-            s.usage.decode_s += dt
-            out.append((s, s.accept(s.sample(row))))
-            if s.finished:
-                self._retire(s)
-        return out
+        return max(MIN_CHUNK, min(self.chunk_tokens, ATTENTION_SCRATCH // per_token))
 
     # -- convenience loops --------------------------------------------------------------------------------
     def stream(
@@ -215,9 +229,8 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         keep_cache: bool = False,
-        cache: KVCache | None = None,
     ) -> Iterator[StreamChunk]:
-        seq = self.add_request(prompt, params, cache)
+        seq = self.add_request(prompt, params)
         sent = 0
         try:
             while not seq.finished:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from llmos.arbiter.devices import ProviderFailure, open_session
 from llmos.engine.embedding import EmbeddingTable
 from llmos.engine.kv_cache import KVCache, KVPool
 from llmos.errors import ModelUnavailableError
@@ -51,15 +52,16 @@ class ModelRunner:
         self.options = options or RunnerOptions()
         self.manifest = manifest
         self.pool = pool
-        try:
-            self.session = ort.InferenceSession(
-                os.path.join(model_dir, manifest.graph_file),
-                _session_options(self.options),
-                providers=list(self.options.providers),
-            )
-        except Exception as e:  # onnxruntime raises its own exception types for a broken file
-            raise ModelUnavailableError(f"onnxruntime could not load {model_dir}: {e}") from e
-        self.provider = self.session.get_providers()[0]
+        # Configured providers in order, CPU last; a broken graph fails on all of them and raises
+        # ModelUnavailableError ("onnxruntime could not load ...") with onnxruntime's message for each.
+        session, provider, failures = open_session(
+            os.path.join(model_dir, manifest.graph_file),
+            _session_options(self.options),
+            self.options.providers,
+        )
+        self.session = session
+        self.provider: str = provider  # the one in use
+        self.provider_failures: list[ProviderFailure] = failures  # those tried before it, in order
         self.vocab = manifest.n_vocab
         self.embeddings = EmbeddingTable(model_dir, manifest.embedding)
         slots = pool.slots

@@ -52,8 +52,9 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     detok: IncrementalDetokenizer
-    cache: KVCache
+    cache: KVCache | None  # None until the sequence is given a KV slot (the arbiter admits it)
     eos_ids: frozenset[int]
+    max_len: int  # prompt + output may not exceed this (the context, or an app's smaller quota)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     prefilled: int = 0  # prompt tokens already in the cache
@@ -102,11 +103,18 @@ class Sequence:
             self.finish(FinishReason.STOP)
         elif len(self.output_ids) >= self.params.max_tokens:
             self.finish(FinishReason.LENGTH)
-        elif self.cache.length + 1 > self.cache.capacity:
+        elif self.cache is None or self.cache.length + 1 > self.max_len:
             self.finish(FinishReason.CONTEXT)
         if self.finished:
             delta += self.detok.flush()
         return delta
+
+    def kv_ids(self) -> list[int]:
+        """The tokens whose keys/values are in the cache (the last sampled token is not fed yet)."""
+        n = self.cache.length if self.cache is not None else 0
+        if n <= len(self.prompt_ids):
+            return self.prompt_ids[:n]
+        return self.prompt_ids + self.output_ids[: n - len(self.prompt_ids)]
 
     def finish(self, reason: FinishReason) -> None:
         if not self.finished:

@@ -1,0 +1,1 @@
+"""Arbitration: one model shared by many apps (scheduling, KV memory, residency, devices)."""

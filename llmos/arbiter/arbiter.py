@@ -1,0 +1,326 @@
+"""The arbiter: one model shared by many apps. Requests in, scheduled steps on the engine, KV managed.
+
+Everything here runs on one thread (the service's engine thread): `submit`, `cancel`, `step`,
+`drop_session`, `unload`, `swap_out_idle`. Reads from other threads go through `snapshot()`, an
+immutable summary published after every step.
+
+A request's life: submit (tokenize, check the app's context quota, queue) -> admitted by the scheduler
+(a KV slot; the session's parked KV or a shared prefix copied in, so only new tokens are prefilled) ->
+prefill chunks -> batched decode steps -> finished: its KV is parked under the session key (or freed),
+then the budget is enforced (cold sessions to disk). The model is loaded on the first request after an
+unload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos.arbiter.kv_manager import KVManager
+from llmos.arbiter.policy import ArbiterConfig
+from llmos.arbiter.prefix_cache import PrefixCache
+from llmos.arbiter.request import Request
+from llmos.arbiter.scheduler import Scheduler
+from llmos.arbiter.swap_store import SwapStore
+from llmos.engine.llm_engine import LLMEngine
+from llmos.engine.sequence import FinishReason
+from llmos.errors import ContextOverflowError, QuotaExceededError
+
+log = logging.getLogger("llmos.arbiter")
+WINDOW_S = 60.0
+
+
+@dataclass
+class AppUsage:
+    tokens: int = 0  # computed for this app since start: prompt tokens prefilled + tokens generated
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) in the last minute
+
+    def add(self, n: int, now: float) -> None:
+        self.tokens += n
+        self.recent.append((now, n))
+
+    def last_minute(self, now: float) -> int:
+        while self.recent and self.recent[0][0] < now - WINDOW_S:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent)
+
+
+class Arbiter:
+    def __init__(
+        self, load_engine: Callable[[], LLMEngine], config: ArbiterConfig, swap: SwapStore | None = None
+    ) -> None:
+        self._load_engine = load_engine
+        self.config = config
+        self.engine: LLMEngine | None = None
+        self.state = "unloaded"
+        self.scheduler = Scheduler(config.quantum_tokens)
+        self.kv = KVManager(config.kv_budget_mib << 20, swap)
+        self.prefix = PrefixCache(config.prefix_cache_entries)
+        self.usage: dict[str, AppUsage] = defaultdict(AppUsage)
+        self.last_active = time.monotonic()
+        self.loads = 0
+        self._snapshot: dict[str, Any] = {}
+
+    # -- residency ----------------------------------------------------------------------------------------
+    def load(self) -> LLMEngine:
+        if self.engine is None:
+            self.state = "loading"
+            self._publish()
+            try:
+                self.engine = self._load_engine()
+            except Exception:
+                self.state = "error"
+                self._publish()
+                raise
+            self.state = "ready"
+            self.loads += 1
+        return self.engine
+
+    def unload(self) -> bool:
+        """Free the model (its weights and KV slots). Parked KV goes to disk. Refused while busy."""
+        if self.engine is None or self.has_work:
+            return False
+        self.kv.swap_out_all()
+        self.prefix.clear()
+        self.engine = None
+        self.state = "unloaded"
+        self._publish()
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.queued())
+
+    def idle_for(self) -> float:
+        return 0.0 if self.has_work else time.monotonic() - self.last_active
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue a request; raises a named error (bad prompt, context, quota) without queueing it."""
+        queued = sum(1 for r in self.scheduler.queued() if r.app_id == req.app_id)
+        if req.max_queued and queued >= req.max_queued:
+            raise QuotaExceededError(f"{req.app_id} already has {queued} requests waiting", retry_after_s=1.0)
+        if req.tokens_per_minute:
+            used, frees_in = self.tokens_last_minute(req.app_id)
+            if used >= req.tokens_per_minute:
+                raise QuotaExceededError(
+                    f"{req.app_id} used {used} of its {req.tokens_per_minute} tokens per minute",
+                    retry_after_s=max(frees_in, 0.1),
+                )
+        engine = self.load()
+        try:
+            req.seq = engine.new_sequence(req.prompt, req.params, max_len=req.max_context or None)
+        except ContextOverflowError as e:
+            if req.max_context and req.max_context < engine.context_length and e.limit == req.max_context:
+                raise QuotaExceededError(
+                    f"{req.app_id} may use {req.max_context} tokens of context per sequence and this "
+                    f"prompt needs {e.needed}"
+                ) from None
+            raise
+        self.scheduler.add(req)
+        self.last_active = time.monotonic()
+
+    def cancel(self, req: Request) -> None:
+        if req.seq is not None and not req.done:
+            req.seq.finish(FinishReason.CANCELLED)
+            self._finish(req)
+
+    def drop_session(self, key: str) -> None:
+        self.kv.drop(key)
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit what fits, then run one prefill chunk or one batched decode. False when idle."""
+        if not self.has_work:
+            return False
+        engine = self.load()
+        self._admit(engine)
+        kind, batch = self.scheduler.next_step()
+        try:
+            if kind == "prefill":
+                req = batch[0]
+                assert req.seq is not None
+                before = req.seq.prefilled
+                delta = engine.prefill_chunk(req.seq)
+                self._charge(req, req.seq.prefilled - before)
+                self._remember_prefix(engine, req, before)
+                if delta is not None:
+                    self._deliver(req, delta)
+            elif kind == "decode":
+                deltas = engine.decode([r.seq for r in batch])  # type: ignore[misc]
+                for req, delta in zip(batch, deltas, strict=True):
+                    self._charge(req, 1)
+                    self._deliver(req, delta)
+        except Exception as e:  # a failing run fails the requests in it, never the arbiter
+            log.error("a %s step failed: %s", kind, e)
+            for req in batch:
+                req.error = e
+                self._finish(req)
+        self.last_active = time.monotonic()
+        self._publish()
+        return True
+
+    def _admit(self, engine: LLMEngine) -> None:
+        while (req := self.scheduler.next_waiting()) is not None:
+            if engine.pool.in_use >= engine.pool.slots:
+                victim = self.scheduler.victim_for(req)
+                if victim is None:
+                    return
+                self._preempt(victim)
+            self.scheduler.admit(req)
+            self._attach_kv(engine, req)
+
+    def _attach_kv(self, engine: LLMEngine, req: Request) -> None:
+        seq = req.seq
+        assert seq is not None
+        seq.cache = engine.pool.allocate()
+        key = self._park_key(req)
+        parked = key is not None and self.kv.has(key)
+        restored = self.kv.take(key) if key is not None else None
+        if parked and restored is None:
+            req.restored_from = "recomputed"  # its swap file was missing or corrupt: prefill it all
+        if restored is not None:
+            if req.preemptions and seq.output_ids:  # a preempted decode resumes exactly where it stopped
+                n = len(restored.ids)
+            else:  # a new turn reuses what its conversation shares; one prompt token is fed, for logits
+                n = min(_common_prefix(restored.ids, seq.prompt_ids), len(seq.prompt_ids) - 1)
+            seq.cache.load(restored.kv[:, :, :, :n])
+            req.restored_from = restored.source
+        elif not parked and not seq.output_ids and (hit := self.prefix.lookup(seq.prompt_ids)) is not None:
+            n, kv = hit
+            seq.cache.load(kv)
+            req.restored_from = "prefix"
+        else:
+            n = 0
+        if not seq.output_ids:
+            seq.prefilled = n
+            req.reused_tokens = n
+
+    def _preempt(self, req: Request) -> None:
+        """Free `req`'s slot at this token boundary; its KV waits in memory for it to resume."""
+        seq = req.seq
+        assert seq is not None and seq.cache is not None
+        key = f"preempted-{req.request_id}"
+        self.kv.park(key, req.app_id, seq.kv_ids(), seq.cache.export(), swappable=False)
+        seq.cache.free()
+        seq.cache = None
+        self.scheduler.preempt(req)
+        log.debug("preempted request %d of %s", req.request_id, req.app_id)
+
+    def _park_key(self, req: Request) -> str | None:
+        if req.preemptions:
+            return f"preempted-{req.request_id}"
+        return req.session_key
+
+    def _remember_prefix(self, engine: LLMEngine, req: Request, before: int) -> None:
+        """Once a first turn's prompt has passed its shared prefix, keep that prefix's KV for others."""
+        seq = req.seq
+        assert seq is not None and seq.cache is not None
+        if req.restored_from or not isinstance(req.prompt, list) or len(req.prompt) > 2:
+            return
+        if not all(isinstance(m, dict) for m in req.prompt):
+            return
+        prefix = self.prefix.shared_prefix(req.prompt, engine.encode_prompt)  # type: ignore[arg-type]
+        passed = before < len(prefix) <= seq.prefilled and seq.prompt_ids[: len(prefix)] == prefix
+        if passed and self.prefix.wants(prefix):
+            self.prefix.add(prefix, seq.cache.export(len(prefix)))
+
+    def _charge(self, req: Request, tokens: int) -> None:
+        self.scheduler.charge(req.app_id, tokens)
+        self.usage[req.app_id].add(tokens, time.monotonic())
+
+    def _deliver(self, req: Request, delta: str) -> None:
+        if delta and req.on_delta is not None:
+            req.on_delta(delta)
+        if req.done:
+            self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        """The request is over (however): park or free its KV, tell its owner, enforce the budget."""
+        self.scheduler.remove(req)
+        seq = req.seq
+        if seq is not None:
+            if req.preemptions:
+                self.kv.drop(f"preempted-{req.request_id}")
+            if seq.cache is not None:
+                if req.session_key and req.error is None and seq.cache.length:
+                    self.kv.park(req.session_key, req.app_id, seq.kv_ids(), seq.cache.export())
+                seq.cache.free()
+                seq.cache = None
+        self._enforce_budget()
+        if req.on_done is not None:
+            req.on_done(req)
+
+    # -- memory -------------------------------------------------------------------------------------------
+    def active_kv_bytes(self) -> int:
+        return sum(r.seq.cache.nbytes() for r in self.scheduler.running if r.seq and r.seq.cache)
+
+    def _enforce_budget(self) -> None:
+        other = self.active_kv_bytes() + self.prefix.nbytes()
+        self.kv.enforce(other)
+        while self.kv.resident_bytes() + other > self.kv.budget_bytes and self.prefix.entries:
+            other -= self.prefix.evict_one()
+
+    def swap_out_idle(self) -> int:
+        """Memory pressure: every parked session goes to disk and the prefix cache is emptied."""
+        self.prefix.clear()
+        n = self.kv.swap_out_all()
+        self._publish()
+        return n
+
+    # -- visibility ---------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return self._snapshot
+
+    def _publish(self) -> None:
+        now = time.monotonic()
+        apps: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"queued": 0, "running": 0, "kv_resident": 0, "kv_swapped": 0, "tokens": 0, "tpm": 0}
+        )
+        for r in self.scheduler.queued():
+            apps[r.app_id]["queued"] += 1
+        for r in self.scheduler.running:
+            apps[r.app_id]["running"] += 1
+            if r.seq is not None and r.seq.cache is not None:
+                apps[r.app_id]["kv_resident"] += r.seq.cache.nbytes()
+        for app, (mem, disk) in self.kv.by_app().items():
+            apps[app]["kv_resident"] += mem
+            apps[app]["kv_swapped"] += disk
+        for app, use in self.usage.items():
+            apps[app]["tokens"] = use.tokens
+            apps[app]["tpm"] = use.last_minute(now)
+        self._snapshot = {
+            "state": self.state,
+            "apps": {k: dict(v) for k, v in apps.items()},
+            "kv_budget_bytes": self.kv.budget_bytes,
+            "kv_resident_bytes": self.active_kv_bytes() + self.kv.resident_bytes() + self.prefix.nbytes(),
+            "kv_swapped_bytes": sum(d for _, d in self.kv.by_app().values()),
+            "swap_outs": self.kv.swapped_out,
+            "swap_restores": self.kv.restored_from_disk,
+            "swap_recomputes": self.kv.recomputed,
+            "prefix_entries": len(self.prefix.entries),
+            "prefix_hits": self.prefix.hits,
+            "loads": self.loads,
+        }
+
+    def tokens_last_minute(self, app_id: str) -> tuple[int, float]:
+        """(tokens in the last minute, seconds until the oldest of them leaves the window)."""
+        use = self.usage.get(app_id)
+        if use is None:
+            return 0, 0.0
+        now = time.monotonic()
+        n = use.last_minute(now)
+        return n, (use.recent[0][0] + WINDOW_S - now) if use.recent else 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

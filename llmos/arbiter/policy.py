@@ -1,0 +1,79 @@
+"""Who gets what: priority classes, per-app policy (class cap and quotas) and the arbiter's settings.
+
+These are the configuration's shapes (pydantic), so a bad value is refused by name when the daemon
+reads its configuration, not discovered at the first request.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Priority(IntEnum):
+    """Scheduling classes; a higher value is served first."""
+
+    BACKGROUND = 0
+    NORMAL = 1
+    INTERACTIVE = 2
+
+    @classmethod
+    def parse(cls, name: str) -> Priority:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"priority must be interactive, normal or background, not {name!r}") from None
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class AppPolicy(BaseModel):
+    """Limits for one app id (or the default for apps not named in the configuration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The highest class this app's requests may run at. A request asks for its class per call
+    # (default normal) and gets the lower of the two, so only apps trusted with it can be interactive.
+    max_priority: str = "normal"
+    max_sessions: int = Field(32, ge=1)  # across all of the app's connections
+    tokens_per_minute: int = Field(0, ge=0)  # prompt tokens computed + tokens generated; 0 = no limit
+    max_context: int = Field(0, ge=0)  # tokens one sequence may hold; 0 = the model's context
+    max_queued: int = Field(32, ge=1)  # requests waiting for the model; more is QuotaExceeded
+
+    @field_validator("max_priority")
+    @classmethod
+    def _known_priority(cls, v: str) -> str:
+        Priority.parse(v)
+        return v
+
+    @property
+    def priority_cap(self) -> Priority:
+        return Priority.parse(self.max_priority)
+
+
+class ArbiterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kv_budget_mib: int = Field(1024, ge=1)  # KV memory of all sessions; over it, cold KV goes to disk
+    swap_dir: Path | None = None  # None = <state dir>/kv-swap
+    idle_unload_s: float = Field(900.0, ge=0)  # unload the model after this long idle; 0 = never
+    memory_pressure_pct: float = Field(10.0, ge=0, le=100)  # PSI "some avg10" that triggers swapping
+    pressure_check_s: float = Field(5.0, gt=0)
+    prefix_cache_entries: int = Field(16, ge=0)  # shared system-prompt prefixes kept; 0 = off
+    quantum_tokens: int = Field(256, ge=1)  # deficit round robin: tokens an app may use per round
+
+
+class PolicyTable(BaseModel):
+    """`[apps.default]` plus `[apps."<app id>"]` tables; an app not named gets the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: AppPolicy = AppPolicy()
+    apps: dict[str, AppPolicy] = {}
+
+    def for_app(self, app_id: str) -> AppPolicy:
+        return self.apps.get(app_id, self.default)
