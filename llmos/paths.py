@@ -26,3 +26,17 @@ def model_store_dir() -> Path:
 def sources_dir() -> Path:
     """Downloaded source files (the default model's GGUF), kept so re-imports need no network."""
     return cache_dir() / "sources"
+
+
+SYSTEM_STATE_DIR = Path("/var/lib/llmos")
+
+
+def state_dir(system: bool = False) -> Path:
+    """Persistent state (swapped KV, scheduled jobs): $STATE_DIRECTORY (set by systemd's
+    StateDirectory=), else /var/lib/llmos for the system service, else $XDG_STATE_HOME/llmos."""
+    if env := os.environ.get("STATE_DIRECTORY"):
+        return Path(env.split(":")[0])
+    if system:
+        return SYSTEM_STATE_DIR
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(xdg) / "llmos"

@@ -26,7 +26,7 @@ from llmos.errors import InvalidSamplingError, LlmosError
 from llmos.graph_builder import PRECISIONS
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
-from system_services import cli_service
+from system_services import cli_service, cli_top
 from system_services.client import ServiceError
 from system_services.progress import ImportProgress
 
@@ -426,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     cli_service.add_bus_options(ss)
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     ss.set_defaults(func=cmd_sessions, usage=ss.format_usage)
+
+    tp = sub.add_parser("top", help="watch llmosd's load, memory and apps, like top(1)")
+    cli_service.add_bus_options(tp)
+    tp.add_argument(
+        "--interval",
+        type=cli_top.interval_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between frames (default 1.0)",
+    )
+    tp.add_argument("--once", action="store_true", help="print one frame and exit")
+    tp.add_argument("--json", action="store_true", help="the raw status as JSON (one line a frame)")
+    tp.set_defaults(func=cli_top.cmd_top, usage=tp.format_usage)
 
     model = sub.add_parser("model", help="import and list models")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

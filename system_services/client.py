@@ -69,7 +69,18 @@ def to_options(options: dict[str, Any]) -> dict[str, Variant]:
 
 
 def _plain(results: dict[str, Variant]) -> dict[str, Any]:
-    return {k: v.value for k, v in results.items()}
+    return {k: _unwrap(v) for k, v in results.items()}
+
+
+def _unwrap(v: Any) -> Any:
+    """Variants inside variants (GetStatus's per-app table) as plain Python values."""
+    if isinstance(v, Variant):
+        return _unwrap(v.value)
+    if isinstance(v, dict):
+        return {k: _unwrap(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_unwrap(x) for x in v]
+    return v
 
 
 class AsyncLLMClient:

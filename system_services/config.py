@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from llmos.arbiter.policy import AppPolicy, ArbiterConfig, PolicyTable
 from llmos.errors import LlmosError
 
 DEFAULT_CONFIG = Path("/etc/llmos/llmosd.toml")
@@ -27,6 +28,8 @@ class EngineConfig(BaseModel):
     max_batch: int = Field(8, ge=1, le=64)
     context_length: int | None = Field(None, ge=64)  # None = the model's own
     prefill_chunk: int = Field(256, ge=16, le=8192)
+    # onnxruntime execution providers, tried in order; CPU is the fallback when none initialises
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
 
 
 class LimitsConfig(BaseModel):
@@ -52,7 +55,16 @@ class DaemonConfig(BaseModel):
 
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
+    arbiter: ArbiterConfig = ArbiterConfig()
+    # per-app policy: [apps.default] for everyone, [apps."org.example.App"] for one app id
+    apps: dict[str, AppPolicy] = {}
+    state_dir: Path | None = None  # None = $STATE_DIRECTORY (systemd), else ~/.local/state/llmos
     watchdog_interval_s: float = Field(10.0, gt=0)
+
+    @property
+    def policies(self) -> PolicyTable:
+        rest = {k: v for k, v in self.apps.items() if k != "default"}
+        return PolicyTable(default=self.apps.get("default", AppPolicy()), apps=rest)
 
     @classmethod
     def load(cls, path: Path | None) -> DaemonConfig:

@@ -2,9 +2,9 @@
 
 Start-up: configuration, then the model (loaded and warmed up before the name is taken, so READY means
 "answers now"), then the bus: the send-buffer guard, caller tracking, the objects, the watch on owners
-leaving, the name, READY=1. Inference runs on its own thread; the event loop only routes messages and
-pings the watchdog. SIGTERM cancels every request in flight (their callers get
-org.llmos.Error.Cancelled), sends STOPPING=1 and exits 0.
+leaving, the name, READY=1. Inference runs on the arbiter's own thread; the event loop only routes
+messages, pings the watchdog and runs the periodic jobs (idle unload, memory pressure). SIGTERM cancels
+every request in flight (their callers get org.llmos.Error.Cancelled), sends STOPPING=1 and exits 0.
 """
 
 from __future__ import annotations
@@ -13,21 +13,30 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dbus_fast import BusType, DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
+from llmos.arbiter.arbiter import Arbiter
+from llmos.arbiter.policy import AppPolicy, Priority
+from llmos.arbiter.pressure import PressureMonitor
+from llmos.arbiter.swap_store import SwapStore
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import LlmosError
+from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
-from llmos.paths import SYSTEM_MODEL_DIR
-from system_services.caller import install_caller_tracking
-from system_services.config import DaemonConfig
+from llmos.paths import SYSTEM_MODEL_DIR, state_dir
+from llmos.tokenizer import Tokenizer
+from system_services.caller import Caller, identify, install_caller_tracking
+from system_services.config import ConfigError, DaemonConfig
 from system_services.dbus_errors import error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.llm_object import PATH, LLMObject
@@ -54,34 +63,77 @@ class CallInFlight:
         self.worker.cancel(self.job, why)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the service tells about its model even while the model is unloaded."""
+
+    manifest: ModelManifest
+    tokenizer: Tokenizer  # kept loaded (a few MB): CountTokens answers without loading the model
+    context_length: int
+
+
 class Daemon:
-    """What the D-Bus objects share: the bus, the engine and its worker, sessions and their owners."""
+    """What the D-Bus objects share: the bus, the arbiter's worker, the model, sessions and owners."""
 
     def __init__(
         self,
         config: DaemonConfig,
-        engine: LLMEngine,
+        arbiter: Arbiter,
+        model: ServedModel,
         bus: MessageBus,
         *,
         config_path: Path | None = None,
         store_root: Path | None = None,
         on_system_bus: bool = False,
     ) -> None:
-        self.config, self.engine, self.bus = config, engine, bus
+        self.config, self.arbiter, self.model, self.bus = config, arbiter, model, bus
         self.config_path, self.store_root, self.on_system_bus = config_path, store_root, on_system_bus
-        self.worker = EngineWorker(engine, asyncio.get_running_loop())
+        self.worker = EngineWorker(arbiter, asyncio.get_running_loop())
         self.ownership = Ownership()
         self.sessions: dict[str, SessionObject] = {}
-        self.state = "ready"
+        self.stopping = False
+        self._callers: dict[str, Caller] = {}  # unique name -> identity, while it is on the bus
         self._started = time.monotonic()
+
+    @property
+    def state(self) -> str:
+        return "stopping" if self.stopping else self.arbiter.state
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
-    def check_session_quota(self, owner: str) -> None:
+    async def caller(self, sender: str) -> Caller:
+        """The sender's identity, asked of the bus once per connection."""
+        known = self._callers.get(sender)
+        if known is None:
+            known = self._callers[sender] = await identify(self.bus, sender)
+        return known
+
+    def policy(self, app_id: str) -> AppPolicy:
+        return self.config.policies.for_app(app_id)
+
+    def priority(self, app_id: str, requested: str) -> Priority:
+        """The class a request runs at: what it asks for, capped by its app's policy."""
+        return min(Priority.parse(requested), self.policy(app_id).priority_cap)
+
+    def job(self, prompt: object, opts: object, app_id: str, session_key: str | None = None) -> Job:
+        return Job(
+            prompt=prompt,  # type: ignore[arg-type]
+            params=opts.params,  # type: ignore[attr-defined]
+            app_id=app_id,
+            priority=self.priority(app_id, opts.priority),  # type: ignore[attr-defined]
+            policy=self.policy(app_id),
+            session_key=session_key,
+        )
+
+    def check_session_quota(self, owner: str, app_id: str | None = None) -> None:
         limit = self.config.limits.sessions_per_connection
         if self.ownership.count(owner, SessionObject) >= limit:
             raise error("QuotaExceeded", f"this connection already has {limit} sessions; close one first")
+        if app_id is not None:
+            most = self.policy(app_id).max_sessions
+            if sum(1 for s in self.sessions.values() if s.app_id == app_id) >= most:
+                raise error("QuotaExceeded", f"{app_id} already has {most} sessions open; close one first")
 
     def add_session(self, session: SessionObject) -> None:
         self.bus.export(session.path, session)
@@ -92,6 +144,7 @@ class Daemon:
         self.sessions.pop(session.path, None)
         self.ownership.remove(session)
         self.bus.unexport(session.path, session)
+        self.worker.drop_session(session.path)
 
     async def run_for_caller(self, job: Job, owner: str) -> JobResult:
         """Run a job for a method call; if the caller leaves the bus meanwhile, the job is cancelled."""
@@ -115,6 +168,7 @@ class Daemon:
                 name, _old, new = msg.body
                 if name.startswith(":") and not new:
                     self.ownership.owner_left(name)
+                    self._callers.pop(name, None)
             return None
 
         self.bus.add_message_handler(on_message)
@@ -142,28 +196,65 @@ def store_root_for(args: argparse.Namespace, config: DaemonConfig) -> Path | Non
     return args.store or config.engine.model_dir or (SYSTEM_MODEL_DIR if args.system else None)
 
 
-def load_engine(args: argparse.Namespace, config: DaemonConfig) -> LLMEngine:
+def make_arbiter(args: argparse.Namespace, config: DaemonConfig) -> Arbiter:
+    """The arbiter, with a loader for the configured model and a swap store under the state dir."""
     ec = config.engine
     model_dir = ModelStore(store_root_for(args, config)).resolve(args.model or ec.model)
-    log.info("loading %s", model_dir)
-    return LLMEngine(
-        model_dir,
-        threads=args.threads if args.threads is not None else ec.threads,
-        max_batch=ec.max_batch,
-        max_context=ec.context_length,
-        prefill_chunk=ec.prefill_chunk,
-    )
+    manifest = ModelManifest.read(model_dir)
+
+    def load() -> LLMEngine:
+        log.info("loading %s", model_dir)
+        t0 = time.monotonic()
+        engine = LLMEngine(
+            model_dir,
+            threads=args.threads if args.threads is not None else ec.threads,
+            max_batch=ec.max_batch,
+            max_context=ec.context_length,
+            prefill_chunk=ec.prefill_chunk,
+            providers=tuple(ec.providers),
+        )
+        log.info("model loaded in %.1f s on %s", time.monotonic() - t0, engine.runner.provider)
+        return engine
+
+    root = config.arbiter.swap_dir or (config.state_dir or state_dir(system=bool(args.system))) / "swap"
+    try:
+        mine = claim_swap_dir(root)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot use {root} for swapped KV caches ({e.strerror}); set state_dir or [arbiter] swap_dir "
+            "in the configuration, or run under systemd (StateDirectory=)"
+        ) from None
+    swap = SwapStore(mine, model_key=f"{manifest.source_sha256}:{manifest.precision}")
+    return Arbiter(load, config.arbiter, swap)
+
+
+def claim_swap_dir(root: Path) -> Path:
+    """This daemon's own swap directory, <root>/<pid>. Swapped KV belongs to sessions, which end with
+    the daemon, so directories of daemons no longer running are removed (several daemons of one user,
+    e.g. on two buses, each keep their own)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in root.iterdir():
+        if d.is_dir() and d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+    mine = root / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)
+    return mine
 
 
 async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
-    engine = await asyncio.to_thread(load_engine, args, config)
+    arbiter = await asyncio.to_thread(make_arbiter, args, config)
+    engine = await asyncio.to_thread(arbiter.load)
+    model = ServedModel(engine.manifest, engine.tokenizer, engine.context_length)
     bus_type = BusType.SYSTEM if args.system else BusType.SESSION
     bus = await PrivateObjectsBus(bus_type=bus_type, bus_address=args.address).connect()
     guard_send_buffer(bus)
     install_caller_tracking(bus)
     daemon = Daemon(
         config,
-        engine,
+        arbiter,
+        model,
         bus,
         config_path=args.config,
         store_root=store_root_for(args, config),
@@ -211,16 +302,49 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pinger = loop.create_task(_watchdog(watchdog_interval() or config.watchdog_interval_s))
+    jobs = start_periodic_jobs(daemon)
     await stop.wait()
 
     log.info("stopping: cancelling %d request(s) in flight", daemon.worker.active_jobs())
     sd_notify("STOPPING=1")
-    daemon.state = "stopping"
+    daemon.stopping = True
+    jobs.shutdown(wait=False)
     await asyncio.to_thread(daemon.worker.stop)
     await asyncio.sleep(0.2)  # let the Cancelled replies and Response signals go out
     pinger.cancel()
     bus.disconnect()
     return 0
+
+
+def start_periodic_jobs(daemon: Daemon) -> AsyncIOScheduler:
+    """Residency and memory pressure, as apscheduler jobs on the event loop; the work itself runs on
+    the arbiter's thread between steps."""
+    cfg = daemon.config.arbiter
+    jobs = AsyncIOScheduler()
+    if cfg.idle_unload_s > 0:
+
+        def unload_if_idle_now() -> bool:  # on the arbiter's thread, so "idle" cannot change meanwhile
+            arb = daemon.arbiter
+            return arb.engine is not None and arb.idle_for() >= cfg.idle_unload_s and arb.unload()
+
+        async def unload_if_idle() -> None:
+            if await daemon.worker.call(unload_if_idle_now):
+                log.info("model unloaded after %.0f s idle; the next request reloads it", cfg.idle_unload_s)
+
+        jobs.add_job(unload_if_idle, "interval", seconds=min(30.0, max(cfg.idle_unload_s / 4, 0.25)))
+    monitor = PressureMonitor(cfg.memory_pressure_pct)
+    if not monitor.available and cfg.memory_pressure_pct > 0:
+        log.warning("no memory pressure information (no /proc/pressure/memory, no cgroup memory.events)")
+
+    async def relieve_pressure() -> None:
+        if monitor.check():
+            n = await daemon.worker.call(daemon.arbiter.swap_out_idle)
+            if n:
+                log.info("memory pressure (%s): %d idle session KV cache(s) swapped to disk", monitor.last, n)
+
+    jobs.add_job(relieve_pressure, "interval", seconds=cfg.pressure_check_s)
+    jobs.start()
+    return jobs
 
 
 async def _watchdog(interval: float) -> None:
@@ -236,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every job run at INFO
     try:
         config = DaemonConfig.load(args.config)
         return asyncio.run(serve(args, config))

@@ -1,8 +1,9 @@
-"""The engine on its own thread, so inference never blocks the D-Bus event loop (or the watchdog).
+"""The arbiter on its own thread, so inference never blocks the D-Bus event loop (or the watchdog).
 
-The asyncio side submits `Job`s and cancels them; the worker thread owns the `LLMEngine`, steps it while
-there is work, and hands text deltas and the final result back to the event loop with
-`call_soon_threadsafe`. Every sequence a job creates is released when the job ends, however it ends.
+The asyncio side submits `Job`s, cancels them, and sends commands (drop a session's KV, unload, swap
+out); the worker thread owns the `Arbiter` (and through it the engine), runs the commands between steps,
+steps while there is work, and hands text deltas and results back to the event loop with
+`call_soon_threadsafe`. Status is read from the arbiter's published snapshot, never from live state.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from llmos.engine.llm_engine import LLMEngine, Prompt
+from llmos.arbiter.arbiter import Arbiter
+from llmos.arbiter.policy import AppPolicy, Priority
+from llmos.arbiter.request import Request
+from llmos.engine.llm_engine import Prompt
 from llmos.engine.sampling import SamplingParams
-from llmos.engine.sequence import FinishReason, Sequence, Usage
+from llmos.engine.sequence import FinishReason, Usage
 from llmos.errors import LlmosError
 
 log = logging.getLogger("llmosd.worker")
+T = TypeVar("T")
 
 
 class CancelledByDaemon(LlmosError):
@@ -33,26 +39,33 @@ class JobResult:
     token_ids: list[int]
     finish_reason: FinishReason
     usage: Usage
+    priority: str = "normal"
+    reused_tokens: int = 0  # prompt tokens whose KV was restored instead of computed
+    restored_from: str = ""
 
 
 @dataclass(eq=False)
 class Job:
     prompt: Prompt
     params: SamplingParams
+    app_id: str = "unknown"
+    priority: Priority = Priority.NORMAL
+    policy: AppPolicy = field(default_factory=AppPolicy)
+    session_key: str | None = None
     on_delta: Callable[[str], None] | None = None  # called on the event loop
     future: asyncio.Future[JobResult] | None = None  # set by submit()
-    seq: Sequence | None = field(default=None, repr=False)
+    request: Request | None = field(default=None, repr=False)
     cancelled: str | None = None  # why, once cancelled
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine = engine
+    def __init__(self, arbiter: Arbiter, loop: asyncio.AbstractEventLoop) -> None:
+        self.arbiter = arbiter
         self.loop = loop
         self._lock = threading.Condition()
-        self._inbox: list[Job] = []
-        self._cancels: list[Job] = []
-        self._jobs: dict[int, Job] = {}  # seq_id -> job
+        self._inbox: list[Callable[[], None]] = []
+        self._jobs: dict[int, Job] = {}  # request id -> job, touched on the worker thread only
+        self._pending = 0  # jobs submitted and not yet ended (read by status on the event loop)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
         self._thread.start()
@@ -64,34 +77,56 @@ class EngineWorker:
             if self._stopping:
                 job.future.set_exception(CancelledByDaemon("the daemon is stopping"))
                 return job.future
-            self._inbox.append(job)
+            self._pending += 1
+            job.future.add_done_callback(self._ended)
+            self._inbox.append(lambda: self._start(job))
             self._lock.notify()
         return job.future
 
-    def cancel(self, job: Job, why: str) -> None:
+    def _ended(self, _fut: asyncio.Future[JobResult]) -> None:
         with self._lock:
-            if job.cancelled is None:
-                job.cancelled = why
-                self._cancels.append(job)
-                self._lock.notify()
+            self._pending -= 1
+
+    def cancel(self, job: Job, why: str) -> None:
+        if job.cancelled is None:
+            job.cancelled = why
+            self._post(lambda: self._cancel(job))
+
+    def drop_session(self, key: str) -> None:
+        self._post(lambda: self.arbiter.drop_session(key))
+
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run `fn` on the worker thread between steps; its result (or error) as a future."""
+        fut: asyncio.Future[T] = self.loop.create_future()
+
+        def run() -> None:
+            try:
+                value = fn()
+            except Exception as e:
+                self.loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                self.loop.call_soon_threadsafe(_set_result, fut, value)
+
+        self._post(run)
+        return fut
+
+    def _post(self, cmd: Callable[[], None]) -> None:
+        with self._lock:
+            self._inbox.append(cmd)
+            self._lock.notify()
 
     def active_jobs(self) -> int:
         with self._lock:
-            return len(self._inbox) + len(self._jobs)
+            return self._pending
 
-    def kv_bytes(self) -> int:
-        """KV memory held by running jobs (read under the lock: the worker thread changes `_jobs`)."""
-        with self._lock:
-            return sum(j.seq.cache.nbytes() for j in self._jobs.values() if j.seq is not None)
+    def snapshot(self) -> dict[str, Any]:
+        return self.arbiter.snapshot()
 
     def stop(self, why: str = "the daemon is stopping") -> None:
         """Cancel everything in flight and end the thread (waits for the current step to finish)."""
         with self._lock:
             self._stopping = True
-            for job in [*self._inbox, *self._jobs.values()]:
-                if job.cancelled is None:
-                    job.cancelled = why
-                    self._cancels.append(job)
+            self._inbox.append(lambda: self._cancel_all(why))
             self._lock.notify()
         self._thread.join(timeout=30)
 
@@ -99,74 +134,85 @@ class EngineWorker:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._cancels or self.engine.has_work or self._stopping):
+                while not (self._inbox or self.arbiter.has_work or self._stopping):
                     self._lock.wait()
                 inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, []
                 stopping = self._stopping
-            for job in inbox:
-                self._start(job)
-            for job in cancels:
-                self._finish_cancelled(job)
-            if stopping and not self.engine.has_work:
+            for cmd in inbox:
+                try:
+                    cmd()
+                except Exception:  # a command's failure is reported by it; the thread carries on
+                    log.exception("a worker command failed")
+            if inbox:
+                self.arbiter.publish()
+            if stopping and not self.arbiter.has_work:
                 return
-            if self.engine.has_work:
-                self._step()
+            if self.arbiter.has_work:
+                try:
+                    self.arbiter.step()
+                except Exception as e:  # e.g. the model fails to reload: fail what waits, keep serving
+                    log.error("the arbiter could not step: %s", e)
+                    for job in list(self._jobs.values()):
+                        self._fail(job, e)
 
     def _start(self, job: Job) -> None:
         if job.cancelled is not None:
             self._deliver_error(job, CancelledByDaemon(job.cancelled))
             return
+        p = job.policy
+        req = Request(
+            job.prompt,
+            job.params,
+            app_id=job.app_id,
+            priority=job.priority,
+            session_key=job.session_key,
+            max_context=p.max_context,
+            tokens_per_minute=p.tokens_per_minute,
+            max_queued=p.max_queued,
+            on_done=lambda r: self._done(job, r),
+        )
+        if job.on_delta is not None:
+            on_delta = job.on_delta
+            req.on_delta = lambda delta: self.loop.call_soon_threadsafe(on_delta, dbus_text(delta))
+        job.request = req
         try:
-            job.seq = self.engine.add_request(job.prompt, job.params)
+            self.arbiter.submit(req)
         except LlmosError as e:
             self._deliver_error(job, e)
             return
-        with self._lock:
-            self._jobs[job.seq.seq_id] = job
+        self._jobs[req.request_id] = job
 
-    def _step(self) -> None:
-        try:
-            outs = self.engine.step()
-        except Exception as e:  # a failing step fails the jobs in it, never the engine thread itself
-            if isinstance(e, LlmosError):
-                log.error("engine step failed: %s", e)
-            else:
-                log.exception("unexpected failure in an engine step")
-            with self._lock:
-                jobs = list(self._jobs.values())
-            for job in jobs:
-                if job.seq is not None and not job.seq.finished:
-                    self.engine.cancel(job.seq)
-                self._release(job)
-                self._deliver_error(job, e)
-            return
-        for seq, delta in outs:
-            job = self._jobs.get(seq.seq_id)
-            if job is None:
-                continue
-            if delta and job.on_delta is not None:
-                self.loop.call_soon_threadsafe(job.on_delta, dbus_text(delta))
-            if seq.finished:
-                self._release(job)
-                result = JobResult(
-                    dbus_text(seq.detok.text), list(seq.output_ids), seq.finish_reason, seq.usage
-                )
-                self.loop.call_soon_threadsafe(_set_result, job.future, result)
+    def _cancel(self, job: Job) -> None:
+        if job.request is not None and job.request.request_id in self._jobs:
+            self.arbiter.cancel(job.request)  # calls _done, which reports the cancellation
 
-    def _finish_cancelled(self, job: Job) -> None:
-        if job.seq is not None and job.seq.seq_id in self._jobs:
-            self.engine.cancel(job.seq)
-            self._release(job)
-        self._deliver_error(job, CancelledByDaemon(job.cancelled or "cancelled"))
+    def _cancel_all(self, why: str) -> None:
+        for job in list(self._jobs.values()):
+            job.cancelled = job.cancelled or why
+            self._cancel(job)
 
-    def _release(self, job: Job) -> None:
-        if job.seq is None:
-            return
-        with self._lock:
-            held = self._jobs.pop(job.seq.seq_id, None)
-        if held is not None:
-            self.engine.release(job.seq)
+    def _fail(self, job: Job, error: Exception) -> None:
+        if job.request is not None:
+            self.arbiter.fail(job.request, error)  # calls _done, which reports the error
+
+    def _done(self, job: Job, req: Request) -> None:
+        self._jobs.pop(req.request_id, None)
+        seq = req.seq
+        if req.error is not None:
+            self._deliver_error(job, req.error)
+        elif seq is None or seq.finish_reason is FinishReason.CANCELLED:
+            self._deliver_error(job, CancelledByDaemon(job.cancelled or "cancelled"))
+        else:
+            result = JobResult(
+                dbus_text(seq.detok.text),
+                list(seq.output_ids),
+                seq.finish_reason or FinishReason.STOP,
+                seq.usage,
+                priority=req.priority.label,
+                reused_tokens=req.reused_tokens,
+                restored_from=req.restored_from,
+            )
+            self.loop.call_soon_threadsafe(_set_result, job.future, result)
 
     def _deliver_error(self, job: Job, error: Exception) -> None:
         self.loop.call_soon_threadsafe(_set_exception, job.future, error)
@@ -178,11 +224,11 @@ def dbus_text(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def _set_result(fut: asyncio.Future[JobResult] | None, result: JobResult) -> None:
+def _set_result(fut: asyncio.Future[Any] | None, result: Any) -> None:
     if fut is not None and not fut.done():
         fut.set_result(result)
 
 
-def _set_exception(fut: asyncio.Future[JobResult] | None, error: Exception) -> None:
+def _set_exception(fut: asyncio.Future[Any] | None, error: Exception) -> None:
     if fut is not None and not fut.done():
         fut.set_exception(error)

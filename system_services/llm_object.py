@@ -19,7 +19,6 @@ from system_services.authority import ACTION_CONFIG_RELOAD, ACTION_MODEL_IMPORT,
 from system_services.caller import current_sender, identify
 from system_services.config import DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
-from system_services.engine_worker import Job
 from system_services.options import SAMPLING, parse_options
 from system_services.request_object import stats
 from system_services.session_object import SESSION_OPTIONS, SessionObject
@@ -45,11 +44,11 @@ class LLMObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Model(self) -> "s":
-        return self.daemon.engine.manifest.name
+        return self.daemon.model.manifest.name
 
     @dbus_property(access=PropertyAccess.READ)
     def ContextLength(self) -> "u":
-        return self.daemon.engine.context_length
+        return self.daemon.model.context_length
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
@@ -57,7 +56,7 @@ class LLMObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Device(self) -> "s":
-        return self.daemon.engine.runner.provider
+        return self.daemon.arbiter.device
 
     # -- methods -----------------------------------------------------------------------------------
     @method()
@@ -72,8 +71,8 @@ class LLMObject(ServiceInterface):
             allowed=SESSION_OPTIONS,
         )
         self.daemon.check_session_quota(sender)
-        caller = await identify(self.daemon.bus, sender)
-        self.daemon.check_session_quota(sender)  # again: other calls may have made sessions meanwhile
+        caller = await self.daemon.caller(sender)
+        self.daemon.check_session_quota(sender, caller.app_id)  # again: others may have made sessions
         messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
         session = SessionObject(self.daemon, sender, messages, app_id=caller.app_id)
         self.daemon.add_session(session)
@@ -93,19 +92,21 @@ class LLMObject(ServiceInterface):
         if not prompt.strip():
             raise error("InvalidArgument", "the prompt is empty")
         messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
-        job = Job(prompt=[*messages, {"role": "user", "content": prompt}], params=opts.params)
+        sender = current_sender()
+        caller = await self.daemon.caller(sender)
+        job = self.daemon.job([*messages, {"role": "user", "content": prompt}], opts, caller.app_id)
         try:
-            result = await self.daemon.run_for_caller(job, current_sender())
+            result = await self.daemon.run_for_caller(job, sender)
         except Exception as e:
             raise to_dbus_error(e) from None
-        return [result.text, stats(result.usage, result.finish_reason.value)]
+        return [result.text, stats(result)]
 
     @method()
     async def CountTokens(self, text: "s") -> "u":
         """Tokens `text` takes as plain text (special-token text is not parsed)."""
         if len(text) > MAX_COUNT_CHARS:
             raise error("InvalidArgument", f"text over {MAX_COUNT_CHARS} characters")
-        tokenizer = self.daemon.engine.tokenizer
+        tokenizer = self.daemon.model.tokenizer
         if len(text) <= INLINE_COUNT_CHARS:  # microseconds: a thread hand-off would double the round trip
             return len(tokenizer.encode(text, parse_special=False))
         # long texts off the event loop: a megabyte takes about a second to tokenize
@@ -176,17 +177,44 @@ class LLMObject(ServiceInterface):
 
     @method()
     def GetStatus(self) -> "a{sv}":
+        """The service at a glance, and per app: class, sessions, requests, tokens, KV memory."""
         d = self.daemon
+        snap = d.worker.snapshot()
+        sessions = Counter(s.app_id for s in d.sessions.values())
+        apps: dict[str, dict[str, Variant]] = {}
+        for app in sorted(set(sessions) | set(snap.get("apps", {}))):
+            a = snap.get("apps", {}).get(app, {})
+            apps[app] = {
+                "priority": Variant("s", d.policy(app).max_priority),
+                "sessions": Variant("u", sessions.get(app, 0)),
+                "queued": Variant("u", a.get("queued", 0)),
+                "running": Variant("u", a.get("running", 0)),
+                "tokens": Variant("t", a.get("tokens", 0)),
+                "tokens_last_minute": Variant("t", a.get("tpm", 0)),
+                "kv_resident_bytes": Variant("t", a.get("kv_resident", 0)),
+                "kv_swapped_bytes": Variant("t", a.get("kv_swapped", 0)),
+                "device": Variant("s", d.arbiter.device),
+            }
         return {
             "version": Variant("u", VERSION),
-            "model": Variant("s", d.engine.manifest.name),
-            "precision": Variant("s", d.engine.manifest.precision),
+            "model": Variant("s", d.model.manifest.name),
+            "precision": Variant("s", d.model.manifest.precision),
             "state": Variant("s", d.state),
-            "device": Variant("s", d.engine.runner.provider),
-            "context_length": Variant("u", d.engine.context_length),
+            "device": Variant("s", d.arbiter.device),
+            "device_failures": Variant("as", snap.get("device_failures", [])),
+            "context_length": Variant("u", d.model.context_length),
             "sessions": Variant("u", len(d.sessions)),
-            "sessions_by_app": Variant("a{su}", dict(Counter(s.app_id for s in d.sessions.values()))),
+            "sessions_by_app": Variant("a{su}", dict(sessions)),
             "active_requests": Variant("u", d.worker.active_jobs()),
-            "kv_bytes": Variant("t", d.worker.kv_bytes()),
+            "kv_bytes": Variant("t", snap.get("kv_resident_bytes", 0)),
+            "kv_budget_bytes": Variant("t", snap.get("kv_budget_bytes", 0)),
+            "kv_swapped_bytes": Variant("t", snap.get("kv_swapped_bytes", 0)),
+            "swap_outs": Variant("u", snap.get("swap_outs", 0)),
+            "swap_restores": Variant("u", snap.get("swap_restores", 0)),
+            "swap_recomputes": Variant("u", snap.get("swap_recomputes", 0)),
+            "prefix_hits": Variant("u", snap.get("prefix_hits", 0)),
+            "prefix_cache_bytes": Variant("t", snap.get("prefix_bytes", 0)),
+            "model_loads": Variant("u", snap.get("loads", 0)),
+            "apps": Variant("a{sa{sv}}", apps),
             "uptime_s": Variant("d", d.uptime()),
         }

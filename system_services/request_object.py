@@ -30,11 +30,15 @@ def request_path(sender: str, token: str) -> str:
     return f"/org/llmos/LLM1/request/{sender.lstrip(':').replace('.', '_')}/{token}"
 
 
-def stats(usage: Usage, finish_reason: str) -> dict[str, Variant]:
+def stats(result: JobResult) -> dict[str, Variant]:
+    usage: Usage = result.usage
     return {
-        "finish_reason": Variant("s", finish_reason),
+        "finish_reason": Variant("s", result.finish_reason.value),
         "tokens_in": Variant("u", usage.prompt_tokens),
         "tokens_out": Variant("u", usage.completion_tokens),
+        "tokens_cached": Variant("u", result.reused_tokens),  # prompt tokens not recomputed
+        "kv_source": Variant("s", result.restored_from or "none"),  # memory, disk, prefix, recomputed
+        "priority": Variant("s", result.priority),  # the class it ran at (asked for, capped by policy)
         "ttft_ms": Variant("d", usage.ttft_s * 1000.0),
         "tokens_per_s": Variant("d", usage.decode_tok_s),
     }
@@ -128,7 +132,7 @@ class RequestObject(ServiceInterface):
             body = {
                 "text": Variant("s", result.text),
                 "chunks": Variant("u", self._chunks),
-                **stats(result.usage, result.finish_reason.value),
+                **stats(result),
             }
             self._respond(RESPONSE_OK, body)
 

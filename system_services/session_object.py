@@ -11,7 +11,6 @@ from typing import Any
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
-from llmos.engine.llm_engine import LLMEngine
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.options import SAMPLING, RequestOptions, parse_options
@@ -46,10 +45,6 @@ class SessionObject(ServiceInterface):
     def worker(self) -> EngineWorker:
         return self.daemon.worker
 
-    @property
-    def engine(self) -> LLMEngine:
-        return self.daemon.engine
-
     # -- properties --------------------------------------------------------------------------------
     # Properties too are for the owner only: another app may not even see how much it has used.
     @dbus_property(access=PropertyAccess.READ)
@@ -66,7 +61,7 @@ class SessionObject(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ContextLength(self) -> "u":
         Ownership.check(self)
-        return self.engine.context_length
+        return self.daemon.model.context_length
 
     # -- methods -----------------------------------------------------------------------------------
     @method()
@@ -86,7 +81,7 @@ class SessionObject(ServiceInterface):
         if self._closed:  # closed after the answer was made, before this call got it
             raise error("Cancelled", "the session was closed")
         self._record(text, result)
-        return [result.text, stats(result.usage, result.finish_reason.value)]
+        return [result.text, stats(result)]
 
     @method()
     def PromptStream(self, text: "s", options: "a{sv}") -> "o":
@@ -122,7 +117,7 @@ class SessionObject(ServiceInterface):
     def Clone(self) -> "o":
         """A new session of the same owner with a copy of this conversation."""
         sender = Ownership.check(self)
-        self.daemon.check_session_quota(sender)
+        self.daemon.check_session_quota(sender, self.app_id)
         twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages], app_id=self.app_id)
         twin.tokens_used = self.tokens_used
         self.daemon.add_session(twin)
@@ -139,14 +134,20 @@ class SessionObject(ServiceInterface):
         )
 
     def _job(self, text: str, opts: RequestOptions) -> Job:
+        if self._closed:  # a call already on its way when Close ran (pipelined by the same client)
+            raise error("NotFound", f"{self.path} was closed")
         if self._busy:
             raise error("Busy", "this session is already answering a prompt; wait for it or Clone() it")
         if not text.strip():
             raise error("InvalidArgument", "the prompt is empty")
         self._busy = True
-        return Job(prompt=[*self.messages, {"role": "user", "content": text}], params=opts.params)
+        # The whole conversation is the prompt; the arbiter reuses the KV parked under this session's
+        # path for the part it shares with the previous turn, so only the new turn is computed.
+        prompt = [*self.messages, {"role": "user", "content": text}]
+        return self.daemon.job(prompt, opts, self.app_id, session_key=self.path)
 
     def _request_ended(self, req: RequestObject) -> None:
+
         self._busy = False
         self._requests.discard(req)
 

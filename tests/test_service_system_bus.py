@@ -164,9 +164,13 @@ def rig(users: Users) -> Iterator[Rig]:
         (world / "llmosd.toml").write_text("")  # all defaults, whatever /etc/llmos holds on this machine
         (world / "probe.py").write_text(PROBE)
         open_up(world)  # owned by root: llmos may read the store, not write it
+        state = world / "state"  # what StateDirectory=llmos gives the service: its own, private
+        state.mkdir(mode=0o700)
+        os.chown(state, users.llmos.uid, users.llmos.gid)
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": "/",
+            "STATE_DIRECTORY": str(state),
             # For the system python3 fallback: the venv's packages and the repository (llmosd's code).
             "PYTHONPATH": f"{Path(dbus_fast.__file__).parent.parent}{os.pathsep}{REPO}",
         }

@@ -63,21 +63,25 @@ class Arbiter:
         self.usage: dict[str, AppUsage] = defaultdict(AppUsage)
         self.last_active = time.monotonic()
         self.loads = 0
+        self.device = ""  # the execution provider in use (kept while unloaded: the one used last)
+        self.device_failures: list[str] = []  # providers tried before it, and why they failed
         self._snapshot: dict[str, Any] = {}
 
     # -- residency ----------------------------------------------------------------------------------------
     def load(self) -> LLMEngine:
         if self.engine is None:
             self.state = "loading"
-            self._publish()
+            self.publish()
             try:
                 self.engine = self._load_engine()
             except Exception:
                 self.state = "error"
-                self._publish()
+                self.publish()
                 raise
             self.state = "ready"
             self.loads += 1
+            self.device = self.engine.runner.provider
+            self.device_failures = [f"{f.provider}: {f.reason}" for f in self.engine.runner.provider_failures]
         return self.engine
 
     def unload(self) -> bool:
@@ -88,7 +92,7 @@ class Arbiter:
         self.prefix.clear()
         self.engine = None
         self.state = "unloaded"
-        self._publish()
+        self.publish()
         return True
 
     @property
@@ -129,7 +133,19 @@ class Arbiter:
             req.seq.finish(FinishReason.CANCELLED)
             self._finish(req)
 
+    def fail(self, req: Request, error: Exception) -> None:
+        """End a request with an error (its owner gets the error, not a result)."""
+        if req.error is None:
+            req.error = error
+            if req.seq is not None:
+                req.seq.finish(FinishReason.CANCELLED)
+            self._finish(req)
+
     def drop_session(self, key: str) -> None:
+        """The session is gone: its requests stop and its KV (memory or disk) is freed."""
+        for req in [*self.scheduler.running, *self.scheduler.queued()]:
+            if req.session_key == key:
+                self.cancel(req)
         self.kv.drop(key)
 
     # -- one step -----------------------------------------------------------------------------------------
@@ -161,7 +177,7 @@ class Arbiter:
                 req.error = e
                 self._finish(req)
         self.last_active = time.monotonic()
-        self._publish()
+        self.publish()
         return True
 
     def _admit(self, engine: LLMEngine) -> None:
@@ -269,14 +285,15 @@ class Arbiter:
         """Memory pressure: every parked session goes to disk and the prefix cache is emptied."""
         self.prefix.clear()
         n = self.kv.swap_out_all()
-        self._publish()
+        self.publish()
         return n
 
     # -- visibility ---------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         return self._snapshot
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """Refresh the snapshot other threads read (after every step and every command)."""
         now = time.monotonic()
         apps: dict[str, dict[str, int]] = defaultdict(
             lambda: {"queued": 0, "running": 0, "kv_resident": 0, "kv_swapped": 0, "tokens": 0, "tpm": 0}
@@ -297,7 +314,8 @@ class Arbiter:
             "state": self.state,
             "apps": {k: dict(v) for k, v in apps.items()},
             "kv_budget_bytes": self.kv.budget_bytes,
-            "kv_resident_bytes": self.active_kv_bytes() + self.kv.resident_bytes() + self.prefix.nbytes(),
+            "kv_resident_bytes": self.active_kv_bytes() + self.kv.resident_bytes(),  # sessions' KV
+            "prefix_bytes": self.prefix.nbytes(),  # shared prefixes (counted in the budget too)
             "kv_swapped_bytes": sum(d for _, d in self.kv.by_app().values()),
             "swap_outs": self.kv.swapped_out,
             "swap_restores": self.kv.restored_from_disk,
@@ -305,6 +323,8 @@ class Arbiter:
             "prefix_entries": len(self.prefix.entries),
             "prefix_hits": self.prefix.hits,
             "loads": self.loads,
+            "device": self.device,
+            "device_failures": list(self.device_failures),
         }
 
     def tokens_last_minute(self, app_id: str) -> tuple[int, float]:

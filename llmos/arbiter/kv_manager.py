@@ -61,6 +61,7 @@ class KVManager:
     def park(self, key: str, app_id: str, ids: list[int], kv: np.ndarray, swappable: bool = True) -> None:
         self.drop(key)
         self.parked[key] = ParkedKV(key, app_id, list(ids), kv, swappable)
+        log.debug("parked %s: %d tokens", key, len(ids))
 
     def has(self, key: str) -> bool:
         return key in self.parked

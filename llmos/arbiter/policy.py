@@ -58,7 +58,9 @@ class AppPolicy(BaseModel):
 class ArbiterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kv_budget_mib: int = Field(1024, ge=1)  # KV memory of all sessions; over it, cold KV goes to disk
+    # KV memory of all sessions (MiB); over it, the coldest idle session KV goes to disk. 0 keeps no idle
+    # session KV in memory at all (every finished turn is swapped out).
+    kv_budget_mib: int = Field(1024, ge=0)
     swap_dir: Path | None = None  # None = <state dir>/kv-swap
     idle_unload_s: float = Field(900.0, ge=0)  # unload the model after this long idle; 0 = never
     memory_pressure_pct: float = Field(10.0, ge=0, le=100)  # PSI "some avg10" that triggers swapping
