@@ -218,7 +218,77 @@ async def status(bus: MessageBus) -> None:
     say(plain(st))
 
 
+async def converse(bus: MessageBus, system: str, opts: str, *prompts: str) -> None:
+    """One session with a system prompt; each prompt's answer and stats. Waits for a line on stdin
+    between turns when the prompt is "-" (so a test can act on the daemon between turns)."""
+    (session,) = await call(
+        bus, PATH, LLM, "CreateSession", "a{sv}", [variants({"system_prompt": system} if system else {})]
+    )
+    out = []
+    for p in prompts:
+        if p == "-":
+            say({"paused": True, "session": session, "turns": out})
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            continue
+        try:
+            text, stats = await call(
+                bus, session, SESSION, "Prompt", "sa{sv}", [p, variants(json.loads(opts))]
+            )
+        except CallError as e:
+            out.append({"error": e.name, "message": e.message})
+            continue
+        out.append({"text": text, "stats": plain(stats)})
+    say({"session": session, "turns": out})
+
+
+async def flood(bus: MessageBus, seconds: str, depth: str, opts: str) -> None:
+    """Keep `depth` Generate calls in flight for `seconds`; count tokens of the answers, and when each
+    answer came (seconds since the start), so a test can compare apps over the same window."""
+    t0 = time.monotonic()
+    end = t0 + float(seconds)
+    done: list[dict[str, Any]] = []
+    errors: dict[str, int] = {}
+
+    async def one_after_another() -> None:
+        while time.monotonic() < end:
+            started = time.monotonic() - t0
+            try:
+                _text, stats = await call(
+                    bus, PATH, LLM, "Generate", "sa{sv}", ["Count to fifty.", variants(json.loads(opts))]
+                )
+            except CallError as e:
+                errors[e.name] = errors.get(e.name, 0) + 1
+                await asyncio.sleep(0.05)
+                continue
+            st = plain(stats)
+            done.append(
+                {
+                    "start": started,
+                    "end": time.monotonic() - t0,
+                    "tokens": st["tokens_out"],
+                    "priority": st["priority"],
+                }
+            )
+
+    await asyncio.gather(*(one_after_another() for _ in range(int(depth))))
+    say({"done": done, "errors": errors})
+
+
+async def timed(bus: MessageBus, prompt: str, opts: str) -> None:
+    """One Generate, timed from this app's side (wall clock, seconds)."""
+    t0 = time.monotonic()
+    try:
+        text, stats = await call(bus, PATH, LLM, "Generate", "sa{sv}", [prompt, variants(json.loads(opts))])
+    except CallError as e:
+        say({"error": e.name, "message": e.message, "seconds": time.monotonic() - t0})
+        return
+    say({"text": text, "stats": plain(stats), "seconds": time.monotonic() - t0})
+
+
 COMMANDS = {
+    "converse": converse,
+    "flood": flood,
+    "timed": timed,
     "generate": generate,
     "turns": turns,
     "hold-session": hold_session,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -97,14 +98,34 @@ class Daemon:
         return self.proc.wait(timeout=30)
 
 
-def client(address: str, *args: str, timeout: float = 120) -> dict[str, Any]:
-    """Run one app process and return its JSON answer."""
+def app_python(tmp: Path, app_id: str) -> tuple[list[str], dict[str, str]]:
+    """A Python interpreter that the daemon identifies as `app_id`, with the env to run it.
+
+    Outside Flatpak and snap, llmosd names an app by its executable (/proc/PID/exe), so a copy of the
+    interpreter named like the app is a different app, as a real packaged app would be. The copy does
+    not sit in the venv, so the venv's packages and the repository come through PYTHONPATH.
+    """
+    exe = tmp / "apps" / app_id
+    if not exe.exists():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(sys.executable), exe)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, str(REPO)])}
+    return [str(exe)], env
+
+
+def client(
+    address: str, *args: str, timeout: float = 120, app: tuple[list[str], dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """Run one app process and return its JSON answer (as `app`, from app_python, if given)."""
+    argv, env = app or ([sys.executable], None)
     out = subprocess.run(
-        [sys.executable, str(CLIENT), address, *args],
+        [*argv, str(CLIENT), address, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
+        env=env,
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -112,14 +133,18 @@ def client(address: str, *args: str, timeout: float = 120) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def start_client(address: str, *args: str) -> subprocess.Popen[str]:
+def start_client(
+    address: str, *args: str, app: tuple[list[str], dict[str, str]] | None = None
+) -> subprocess.Popen[str]:
+    argv, env = app or ([sys.executable], None)
     return subprocess.Popen(
-        [sys.executable, str(CLIENT), address, *args],
+        [*argv, str(CLIENT), address, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        env=env,
     )
 
 

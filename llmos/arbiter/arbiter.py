@@ -82,6 +82,7 @@ class Arbiter:
             self.loads += 1
             self.device = self.engine.runner.provider
             self.device_failures = [f"{f.provider}: {f.reason}" for f in self.engine.runner.provider_failures]
+            self.publish()
         return self.engine
 
     def unload(self) -> bool:
@@ -181,11 +182,9 @@ class Arbiter:
         return True
 
     def _admit(self, engine: LLMEngine) -> None:
-        while (req := self.scheduler.next_waiting()) is not None:
-            if engine.pool.in_use >= engine.pool.slots:
-                victim = self.scheduler.victim_for(req)
-                if victim is None:
-                    return
+        while (pick := self.scheduler.next_admission(engine.pool.in_use < engine.pool.slots)) is not None:
+            req, victim = pick
+            if victim is not None:
                 self._preempt(victim)
             self.scheduler.admit(req)
             self._attach_kv(engine, req)

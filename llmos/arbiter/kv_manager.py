@@ -34,6 +34,7 @@ class ParkedKV:
     ids: list[int]  # the tokens whose keys/values this holds
     kv: np.ndarray | None  # [layers, 2, kv_heads, len(ids), head_dim] while in memory
     swappable: bool = True  # a preempted request's KV stays in memory: it resumes soon
+    file_key: str = ""  # its swap file's name (keys are D-Bus paths, not file names)
     disk_bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -57,10 +58,12 @@ class KVManager:
         self.swapped_out = 0
         self.restored_from_disk = 0
         self.recomputed = 0  # swap files found missing or corrupt
+        self._files = 0
 
     def park(self, key: str, app_id: str, ids: list[int], kv: np.ndarray, swappable: bool = True) -> None:
         self.drop(key)
-        self.parked[key] = ParkedKV(key, app_id, list(ids), kv, swappable)
+        self._files += 1
+        self.parked[key] = ParkedKV(key, app_id, list(ids), kv, swappable, file_key=f"kv-{self._files}")
         log.debug("parked %s: %d tokens", key, len(ids))
 
     def has(self, key: str) -> bool:
@@ -76,7 +79,7 @@ class KVManager:
             return Restored(entry.ids, entry.kv, "memory")
         assert self.swap is not None
         try:
-            compressed, meta = self.swap.read(key)
+            compressed, meta = self.swap.read(entry.file_key)
             if meta.get("ids") != entry.ids:
                 raise SwapFileError(f"swap file for {key} holds other tokens than the session")
             kv = decompress(compressed)
@@ -85,14 +88,14 @@ class KVManager:
             self.recomputed += 1
             return None
         finally:
-            self.swap.delete(key)
+            self.swap.delete(entry.file_key)
         self.restored_from_disk += 1
         return Restored(entry.ids, kv, "disk")
 
     def drop(self, key: str) -> None:
         entry = self.parked.pop(key, None)
         if entry is not None and entry.kv is None and self.swap is not None:
-            self.swap.delete(key)
+            self.swap.delete(entry.file_key)
 
     def resident_bytes(self) -> int:
         return sum(e.resident_bytes for e in self.parked.values())
@@ -102,7 +105,8 @@ class KVManager:
             return False
         t0 = time.perf_counter()
         try:
-            entry.disk_bytes = self.swap.write(entry.key, compress(entry.kv), {"ids": entry.ids})
+            meta = {"ids": entry.ids, "owner": entry.key}
+            entry.disk_bytes = self.swap.write(entry.file_key, compress(entry.kv), meta)
         except SwapFileError as e:  # a full or read-only disk: keep the KV in memory, over budget, say so
             log.error("cannot swap %s out: %s", entry.key, e)
             return False

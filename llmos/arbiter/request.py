@@ -34,6 +34,7 @@ class Request:
     on_done: Callable[[Request], None] | None = None  # finished, cancelled or failed (see .error)
     request_id: int = field(default_factory=lambda: next(_ids))
     arrived: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0  # when it last got a KV slot (preemption takes the newest first)
     seq: Sequence | None = None  # made on submit (the prompt is tokenized on the arbiter's thread)
     error: Exception | None = None
     reused_tokens: int = 0  # prompt tokens whose KV was restored (session or shared prefix)

@@ -1,12 +1,18 @@
 """Who runs next: priority classes, deficit round robin between apps, preemption, prefill vs decode.
 
 Requests wait in one queue per (class, app). Admission (getting a KV slot) goes to the highest class
-with waiting work; within a class, apps take turns by deficit round robin on tokens: an app may start a
-request while its deficit is positive, every token computed for it (prompt or generated) is charged to
-it, and when no waiting app has credit left every waiting app gets `quantum` more. So an app that sends
-twice the requests, or longer ones, gets the same tokens per second as a quieter app in its class, not
-twice as many. When every slot is taken and a higher class waits, the most recently admitted request of
-the lowest running class below it is preempted at the token boundary (its KV is parked, not lost).
+with waiting work; within a class, apps take turns by deficit round robin on tokens: every token
+computed for an app (prompt or generated) is charged to its deficit, and when no waiting app has credit
+left, every active app of the class (waiting or running) gets `quantum` more; the waiting app with the
+most credit goes next. An app is "active", and keeps its debt or credit, for as long as it has requests
+in the system: an app with four requests running and none queued at this instant is still busy, and
+resetting it the moment its queue empties would hand its share to whoever keeps a queue. So an app that
+sends three times the requests, or longer ones, gets the same tokens per second as a quieter app in its
+class, not three times as many.
+
+When every slot is taken and a higher class waits, the most recently admitted request of the lowest
+running class below it is preempted at the token boundary (its KV is parked, not lost); in the same
+class, an app holding two or more slots more than the waiting app gives one up the same way.
 
 Each step is one prefill chunk or one batched decode of every admitted, prefilled request. A prefill
 goes first when its class is at least the highest decoding class (a new interactive request is not kept
@@ -16,7 +22,8 @@ holds up the classes above it for more than one chunk at a time.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict, deque
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
 from typing import Literal
 
 from llmos.arbiter.policy import Priority
@@ -24,6 +31,7 @@ from llmos.arbiter.request import Request
 
 Step = tuple[Literal["prefill", "decode", "idle"], list[Request]]
 MAX_DEBT_ROUNDS = 4  # an app returning after a busy spell carries at most this many quanta of debt
+MAX_CREDIT_ROUNDS = 4  # and an app running without waiting banks at most this much credit
 
 
 class Scheduler:
@@ -45,17 +53,24 @@ class Scheduler:
     def remove(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
-            return
-        ring = self.waiting[req.priority]
-        q = ring.get(req.app_id)
-        if q is not None and req in q:
-            q.remove(req)
-            if not q:
-                self._leave_ring(ring, req.app_id)
+        else:
+            ring = self.waiting[req.priority]
+            q = ring.get(req.app_id)
+            if q is not None and req in q:
+                q.remove(req)
+                if not q:
+                    del ring[req.app_id]
+        self._settle(req.app_id)
 
-    def _leave_ring(self, ring: OrderedDict[str, deque[Request]], app: str) -> None:
-        del ring[app]
-        self.deficit[app] = min(self.deficit[app], 0.0)  # DRR: no credit is saved while idle; debt is
+    def _active(self, prio: Priority) -> set[str]:
+        return set(self.waiting[prio]) | {r.app_id for r in self.running if r.priority == prio}
+
+    def _settle(self, app: str) -> None:
+        """An app with nothing left in the system keeps its debt but not its credit (DRR's idle rule)."""
+        if not any(app in ring for ring in self.waiting.values()) and all(
+            r.app_id != app for r in self.running
+        ):
+            self.deficit[app] = min(self.deficit[app], 0.0)
 
     def queued(self) -> list[Request]:
         return [r for ring in self.waiting.values() for q in ring.values() for r in q]
@@ -70,11 +85,31 @@ class Scheduler:
             ring = self.waiting[prio]
             if not ring:
                 continue
-            if all(self.deficit[app] <= 0 for app in ring):  # a new round: everyone waiting gets a quantum
+            if all(self.deficit[app] <= 0 for app in ring):  # a new round for every active app
                 rounds = min(int(-self.deficit[app] // self.quantum) + 1 for app in ring)
-                for app in ring:
-                    self.deficit[app] += rounds * self.quantum
-            return next(q[0] for app, q in ring.items() if self.deficit[app] > 0)
+                cap = MAX_CREDIT_ROUNDS * self.quantum
+                for app in self._active(prio):
+                    self.deficit[app] = min(self.deficit[app] + rounds * self.quantum, cap)
+            # the most credit first; ties in ring order (apps served last are at the back)
+            app = max(ring, key=lambda a: self.deficit[a])
+            return ring[app][0]
+        return None
+
+    def next_admission(self, slot_free: bool) -> tuple[Request, Request | None] | None:
+        """The request to admit now and the running one to preempt for it (None if a slot is free).
+
+        With a free slot, deficit round robin picks. Without one, the first waiting request (highest
+        class first, then the app holding the fewest slots) that `victim_for` finds a slot for."""
+        first = self.next_waiting()
+        if first is None or slot_free:
+            return (first, None) if first is not None else None
+        for prio in sorted(Priority, reverse=True):
+            ring = self.waiting[prio]
+            held = Counter(r.app_id for r in self.running if r.priority == prio)
+            for app in sorted(ring, key=lambda a: held.get(a, 0)):
+                victim = self.victim_for(ring[app][0])
+                if victim is not None:
+                    return ring[app][0], victim
         return None
 
     def admit(self, req: Request) -> None:
@@ -83,15 +118,29 @@ class Scheduler:
         q.remove(req)
         ring.move_to_end(req.app_id)  # round robin: the next admission in this class tries other apps first
         if not q:
-            self._leave_ring(ring, req.app_id)
+            del ring[req.app_id]
+        req.admitted_at = time.monotonic()
         self.running.append(req)
 
     def victim_for(self, req: Request) -> Request | None:
-        """A running request to preempt so `req` gets a slot: lowest class below `req`'s, newest first."""
+        """A running request to preempt so `req` gets a slot, or None.
+
+        First from a lower class (the lowest, most recently admitted). Else from `req`'s own class, if
+        one app holds at least two more slots than `req`'s app: without this, an app that keeps many
+        requests queued takes every slot the moment it frees (the other app's next request is a bus
+        round trip away), and slot time, so tokens, follow the number of requests sent, not fairness.
+        """
         lower = [r for r in self.running if r.priority < req.priority]
-        if not lower:
+        if lower:
+            return max(lower, key=lambda r: (-r.priority, r.admitted_at))
+        same = [r for r in self.running if r.priority == req.priority]
+        held = Counter(r.app_id for r in same)
+        if not held:
             return None
-        return max(lower, key=lambda r: (-r.priority, r.arrived))
+        app, most = held.most_common(1)[0]
+        if most < held.get(req.app_id, 0) + 2:
+            return None
+        return max((r for r in same if r.app_id == app), key=lambda r: r.admitted_at)
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
