@@ -105,16 +105,13 @@ class AsyncLLMClient:
     async def call(
         self, path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None
     ) -> Any:
-        reply = await self.bus.call(
-            Message(
-                destination=BUS_NAME,
-                path=path,
-                interface=iface,
-                member=member,
-                signature=sig,
-                body=body or [],
-            )
+        msg = Message(
+            destination=BUS_NAME, path=path, interface=iface, member=member, signature=sig, body=body or []
         )
+        try:
+            reply = await self.bus.call(msg)
+        except (OSError, EOFError) as e:  # the bus itself went away (dbus-daemon stopped or restarted)
+            raise ServiceError("org.freedesktop.DBus.Error.Disconnected", f"lost the bus: {e}") from None
         if reply.message_type == MessageType.ERROR:
             raise ServiceError(reply.error_name or "unknown", reply.body[0] if reply.body else "")
         return reply.body

@@ -214,6 +214,7 @@ class LLMObject(ServiceInterface):
             "swap_recomputes": Variant("u", snap.get("swap_recomputes", 0)),
             "prefix_hits": Variant("u", snap.get("prefix_hits", 0)),
             "prefix_cache_bytes": Variant("t", snap.get("prefix_bytes", 0)),
+            "kv_free_slot_bytes": Variant("t", snap.get("pool_warm_bytes", 0)),
             "model_loads": Variant("u", snap.get("loads", 0)),
             "apps": Variant("a{sa{sv}}", apps),
             "uptime_s": Variant("d", d.uptime()),

@@ -285,7 +285,30 @@ async def timed(bus: MessageBus, prompt: str, opts: str) -> None:
     say({"text": text, "stats": plain(stats), "seconds": time.monotonic() - t0})
 
 
+async def on_go(bus: MessageBus, prompt: str, opts: str) -> None:
+    """Connect, say ready, wait for a line on stdin, then one Generate: so several apps start together.
+    Times are wall-clock (time.time()), comparable across processes."""
+    say({"ready": True})
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    start = time.time()
+    _text, stats = await call(bus, PATH, LLM, "Generate", "sa{sv}", [prompt, variants(json.loads(opts))])
+    say({"start": start, "end": time.time(), "stats": plain(stats)})
+
+
+async def latencies(bus: MessageBus, repeats: str, prompt: str, opts: str) -> None:
+    """The same Generate `repeats` times, one after another: wall seconds and the daemon's stats."""
+    out = []
+    for _ in range(int(repeats)):
+        t0 = time.monotonic()
+        _text, stats = await call(bus, PATH, LLM, "Generate", "sa{sv}", [prompt, variants(json.loads(opts))])
+        out.append({"seconds": time.monotonic() - t0, "stats": plain(stats)})
+        await asyncio.sleep(0.2)
+    say({"runs": out})
+
+
 COMMANDS = {
+    "on-go": on_go,
+    "latencies": latencies,
     "converse": converse,
     "flood": flood,
     "timed": timed,

@@ -203,7 +203,7 @@ class Arbiter:
                 n = len(restored.ids)
             else:  # a new turn reuses what its conversation shares; one prompt token is fed, for logits
                 n = min(_common_prefix(restored.ids, seq.prompt_ids), len(seq.prompt_ids) - 1)
-            seq.cache.load(restored.kv[:, :, :, :n])
+            restored.into(seq.cache, n)
             req.restored_from = restored.source
         elif not parked and not seq.output_ids and (hit := self.prefix.lookup(seq.prompt_ids)) is not None:
             n, kv = hit
@@ -275,14 +275,23 @@ class Arbiter:
         return sum(r.seq.cache.nbytes() for r in self.scheduler.running if r.seq and r.seq.cache)
 
     def _enforce_budget(self) -> None:
-        other = self.active_kv_bytes() + self.prefix.nbytes()
+        """Over budget: cold sessions go to disk first (least recently used first), then free slots give
+        their warm pages back, then shared prefixes are dropped. Running requests are never touched."""
+        pool = self.engine.pool if self.engine is not None else None
+        warm = pool.warm_free_bytes() if pool is not None else 0
+        other = self.active_kv_bytes() + self.prefix.nbytes() + warm
         self.kv.enforce(other)
+        if pool is not None and self.kv.resident_bytes() + other > self.kv.budget_bytes:
+            other -= pool.trim_free()
         while self.kv.resident_bytes() + other > self.kv.budget_bytes and self.prefix.entries:
             other -= self.prefix.evict_one()
 
     def swap_out_idle(self) -> int:
-        """Memory pressure: every parked session goes to disk and the prefix cache is emptied."""
+        """Memory pressure: every parked session goes to disk, free slots give their pages back and
+        the prefix cache is emptied."""
         self.prefix.clear()
+        if self.engine is not None:
+            self.engine.pool.trim_free()
         n = self.kv.swap_out_all()
         self.publish()
         return n
@@ -315,6 +324,7 @@ class Arbiter:
             "kv_budget_bytes": self.kv.budget_bytes,
             "kv_resident_bytes": self.active_kv_bytes() + self.kv.resident_bytes(),  # sessions' KV
             "prefix_bytes": self.prefix.nbytes(),  # shared prefixes (counted in the budget too)
+            "pool_warm_bytes": self.engine.pool.warm_free_bytes() if self.engine is not None else 0,
             "kv_swapped_bytes": sum(d for _, d in self.kv.by_app().values()),
             "swap_outs": self.kv.swapped_out,
             "swap_restores": self.kv.restored_from_disk,

@@ -9,11 +9,15 @@ are symmetric absmax int8. Everything is whole-array numpy (no Python loop over 
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 CHUNK = 16  # tokens per key scale group
+PARALLEL_BYTES = 8 << 20  # decompress on several threads from this output size up
 _QMAX = 127.0  # symmetric: -128 is never used, so q and -q are always both representable
 _F16 = np.finfo(np.float16)
 _F32_TINY = np.finfo(np.float32).tiny
@@ -154,15 +158,37 @@ def compress(kv: np.ndarray) -> CompressedKV:
     return CompressedKV(length, n_layer, n_kv, head_dim, k_q, k_scale, v_q, v_scale)
 
 
-def decompress(c: CompressedKV) -> np.ndarray:
-    """Float32 KV [n_layer, 2, n_kv, L, head_dim] from a CompressedKV (a fresh, writable array)."""
+def decompress(c: CompressedKV, out: np.ndarray | None = None) -> np.ndarray:
+    """Float32 KV [n_layer, 2, n_kv, L, head_dim] from a CompressedKV: a fresh array, or written into
+    `out` (any float32 view of that shape, e.g. a KV slot in the engine's pool: no extra copy)."""
     c.check()
-    out = np.empty((c.n_layer, 2, c.n_kv, c.length, c.head_dim), np.float32)
+    shape = (c.n_layer, 2, c.n_kv, c.length, c.head_dim)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"cannot decompress KV of shape {shape} into a {out.dtype} array of {out.shape}")
     k_scale = c.k_scale.astype(np.float32, copy=False)
-    first = 0
-    for q, dst in zip(_chunked(c.k_q), _chunked(out[:, 0]), strict=True):
-        n = q.shape[-3]
-        np.multiply(q, k_scale[..., first : first + n, None, :], out=dst)
-        first += n
-    np.multiply(c.v_q, c.v_scale.astype(np.float32, copy=False)[..., None], out=out[:, 1])
+    v_scale = c.v_scale.astype(np.float32, copy=False)
+
+    def layers(lo: int, hi: int) -> None:
+        first = 0
+        for q, dst in zip(_chunked(c.k_q[lo:hi]), _chunked(out[lo:hi, 0]), strict=True):
+            n = q.shape[-3]
+            np.multiply(q, k_scale[lo:hi, :, first : first + n, None, :], out=dst)
+            first += n
+        np.multiply(c.v_q[lo:hi], v_scale[lo:hi, ..., None], out=out[lo:hi, 1])
+
+    # numpy releases the GIL in these loops: on a restore the engine's threads are idle, so split the
+    # layers over the cores (about 2x on two cores for a 1k-token context)
+    workers = min(len(os.sched_getaffinity(0)), c.n_layer, 4) if out.nbytes >= PARALLEL_BYTES else 1
+    if workers == 1:
+        layers(0, c.n_layer)
+        return out
+    bounds = [c.n_layer * i // workers for i in range(workers + 1)]
+    list(_pool(workers).map(layers, bounds[:-1], bounds[1:]))
     return out
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="llmos-kv")

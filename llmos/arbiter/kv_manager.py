@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmos.arbiter.kv_codec import compress, decompress
+from llmos.arbiter.kv_codec import CompressedKV, compress, decompress
 from llmos.arbiter.swap_store import SwapStore
+from llmos.engine.kv_cache import KVCache
 from llmos.errors import SwapFileError
 
 log = logging.getLogger("llmos.kv")
@@ -46,8 +47,18 @@ class ParkedKV:
 @dataclass
 class Restored:
     ids: list[int]
-    kv: np.ndarray
     source: str  # "memory" or "disk"
+    kv: np.ndarray | None = None  # from memory
+    compressed: CompressedKV | None = None  # from disk: decompressed straight into the slot
+
+    def into(self, cache: KVCache, n: int) -> None:
+        """Put the first `n` positions into `cache`."""
+        if self.kv is not None:
+            cache.load(self.kv[:, :, :, :n])
+            return
+        assert self.compressed is not None
+        decompress(self.compressed, out=cache.fill(len(self.ids)))
+        cache.truncate(n)
 
 
 class KVManager:
@@ -76,13 +87,12 @@ class KVManager:
         if entry is None:
             return None
         if entry.kv is not None:
-            return Restored(entry.ids, entry.kv, "memory")
+            return Restored(entry.ids, "memory", kv=entry.kv)
         assert self.swap is not None
         try:
             compressed, meta = self.swap.read(entry.file_key)
-            if meta.get("ids") != entry.ids:
+            if meta.get("ids") != entry.ids or compressed.length != len(entry.ids):
                 raise SwapFileError(f"swap file for {key} holds other tokens than the session")
-            kv = decompress(compressed)
         except SwapFileError as e:
             log.warning("%s; recomputing its KV from the conversation instead", e)
             self.recomputed += 1
@@ -90,7 +100,7 @@ class KVManager:
         finally:
             self.swap.delete(entry.file_key)
         self.restored_from_disk += 1
-        return Restored(entry.ids, kv, "disk")
+        return Restored(entry.ids, "disk", compressed=compressed)
 
     def drop(self, key: str) -> None:
         entry = self.parked.pop(key, None)

@@ -15,8 +15,11 @@ that only fills a gap in the batch, at that slot's current length, without ever 
 
 Positions per slot are a multiple of 16, so every [layer, K|V, slot] block starts and ends on a page
 boundary (16 positions x heads x head_dim x 4 bytes is a multiple of 4 KiB for any head_dim multiple of
-16): a freed slot's pages are handed back to the kernel (MADV_DONTNEED), so the KV memory the service
-accounts for is the memory it really holds.
+16), so a free slot's pages can be handed back to the kernel (MADV_DONTNEED, `trim_free`). Not on every
+release, though: the kernel zeroes every page it hands out again, ~20 ms for the 47 MB of a 1k-token
+SmolLM2 context, which would be most of the cost of resuming a parked conversation. So a freed slot
+stays warm, its pages are counted (`warm_free_bytes`), and the arbiter trims them when its memory budget
+or memory pressure says so.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ class KVCache:
             raise ValueError(f"cannot export {n} positions of a {self.length}-position cache")
         return np.ascontiguousarray(self.pool.data[:, :, self.slot, :, :n])
 
+    def fill(self, n: int) -> np.ndarray:
+        """Make this slot hold `n` positions and return their view, for the caller to write into."""
+        self.length = 0
+        self.reserve(n)
+        self.length = n
+        return self.pool.data[:, :, self.slot, :, :n]
+
     def load(self, kv: np.ndarray) -> None:
         """Replace this slot's contents with an exported copy (the inverse of `export`)."""
         n = kv.shape[3]
@@ -101,6 +111,7 @@ class KVPool:
         self.data = self._allocate(min(max_len, max(initial_len, 1)))
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest slot first
         self._owners: dict[int, KVCache] = {}
+        self._warm = [0] * slots  # positions each slot has held since its pages were last discarded
 
     def _allocate(self, capacity: int) -> np.ndarray:
         positions = -(-(capacity + 1) // GROWTH_ALIGN) * GROWTH_ALIGN
@@ -128,6 +139,7 @@ class KVPool:
         new = self._allocate(min(self.max_len, want))
         for slot, cache in self._owners.items():
             new[:, :, slot, :, : cache.length] = old[:, :, slot, :, : cache.length]
+        self._warm = [c.length if (c := self._owners.get(s)) else 0 for s in range(self.slots)]
         self.data = new
         self.generation += 1
 
@@ -143,9 +155,21 @@ class KVPool:
         if self._owners.get(cache.slot) is cache:
             del self._owners[cache.slot]
             self._free.append(cache.slot)
-            if cache.length:
-                self._discard(cache.slot)
+            self._warm[cache.slot] = max(self._warm[cache.slot], cache.length)
             cache.length = 0
+
+    def warm_free_bytes(self) -> int:
+        """Memory still held by free slots (what `trim_free` would give back)."""
+        return sum(self._warm[s] for s in self._free) * self.bytes_per_token
+
+    def trim_free(self) -> int:
+        """Hand the pages of every free slot back to the kernel; returns the bytes given back."""
+        freed = self.warm_free_bytes()
+        for s in self._free:
+            if self._warm[s]:
+                self._discard(s)
+                self._warm[s] = 0
+        return freed
 
     def occupant(self, slot: int) -> KVCache | None:
         return self._owners.get(slot)
