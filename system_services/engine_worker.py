@@ -95,6 +95,9 @@ class EngineWorker:
     def drop_session(self, key: str) -> None:
         self._post(lambda: self.arbiter.drop_session(key))
 
+    def clone_session(self, src: str, dst: str) -> None:
+        self._post(lambda: self.arbiter.clone_session(src, dst))
+
     def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run `fn` on the worker thread between steps; its result (or error) as a future."""
         fut: asyncio.Future[T] = self.loop.create_future()

@@ -115,7 +115,8 @@ class LLMObject(ServiceInterface):
     # -- admin methods: root or polkit (packaging/polkit/org.llmos.policy) --------------------------------
     @method()
     async def ReloadConfig(self) -> "a{sv}":
-        """Re-read the configuration file. Limits apply at once; engine settings need a restart."""
+        """Re-read the configuration file. Limits and per-app policy ([apps.*]) apply at once; engine,
+        arbiter and state_dir settings need a restart."""
         caller = await identify(self.daemon.bus, current_sender())
         await authorize(
             caller, ACTION_CONFIG_RELOAD, daemon_bus_is_system=self.daemon.on_system_bus, bus=self.daemon.bus
@@ -124,20 +125,25 @@ class LLMObject(ServiceInterface):
             fresh = DaemonConfig.load(self.daemon.config_path)
         except LlmosError as e:
             raise to_dbus_error(e) from None
-        pending = sorted(
-            k for k, v in fresh.engine.model_dump().items() if v != getattr(self.daemon.config.engine, k)
+        old = self.daemon.config
+        pending = [
+            f"{section}.{k}"
+            for section in ("engine", "arbiter")
+            for k, v in getattr(fresh, section).model_dump().items()
+            if v != getattr(getattr(old, section), k)
+        ]
+        if fresh.state_dir != old.state_dir:
+            pending.append("state_dir")
+        self.daemon.config = fresh.model_copy(
+            update={"engine": old.engine, "arbiter": old.arbiter, "state_dir": old.state_dir}
         )
-        self.daemon.config = fresh.model_copy(update={"engine": self.daemon.config.engine})
         log.info(
             "configuration reloaded by %s (uid %s)%s",
             caller.app_id,
             caller.uid,
-            f"; needs a restart for engine.{', engine.'.join(pending)}" if pending else "",
+            f"; needs a restart for {', '.join(pending)}" if pending else "",
         )
-        return {
-            "reloaded": Variant("b", True),
-            "restart_needed": Variant("as", [f"engine.{k}" for k in pending]),
-        }
+        return {"reloaded": Variant("b", True), "restart_needed": Variant("as", sorted(pending))}
 
     @method()
     async def ImportModel(self, path: "s", options: "a{sv}") -> "s":

@@ -121,6 +121,7 @@ class SessionObject(ServiceInterface):
         twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages], app_id=self.app_id)
         twin.tokens_used = self.tokens_used
         self.daemon.add_session(twin)
+        self.worker.clone_session(self.path, twin.path)
         return twin.path
 
     # -- internals ---------------------------------------------------------------------------------

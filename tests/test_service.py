@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbus_harness import Daemon, PrivateBus, busctl, client, gdbus, read_json, start_client
+from dbus_harness import Daemon, PrivateBus, app_python, busctl, client, gdbus, read_json, start_client
 
 from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
@@ -179,6 +179,11 @@ def test_a_session_keeps_the_conversation_and_clone_copies_it(bus: PrivateBus, d
     assert tokens_in[0] < tokens_in[1] < tokens_in[2]  # each turn carries the ones before it
     assert out["clone"] != out["session"]
     assert out["clone_turn"]["tokens_in"] > tokens_in[2]  # the clone continues the same history
+    # and neither recomputes what it already holds: each turn reuses the KV of the turns before it
+    assert [t["stats"]["kv_source"] for t in out["turns"][1:]] == ["memory", "memory"]
+    assert out["clone_turn"]["kv_source"] == "memory"
+    # (all of it up to where re-tokenizing the answer text differs from the sampled tokens)
+    assert out["clone_turn"]["tokens_cached"] > tokens_in[1]
 
 
 def test_another_connection_cannot_touch_a_session(bus: PrivateBus, daemon: Daemon) -> None:
@@ -434,12 +439,20 @@ def test_admin_reload_config_applies_limits_and_reports_engine_changes(tmp_path:
     try:
         own_daemon(own_bus.address, store, "--config", str(conf))
         assert client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 40}))["stats"]
-        conf.write_text("[limits]\nmax_tokens = 30\n[engine]\nthreads = 1\n")
+        conf.write_text(
+            "[limits]\nmax_tokens = 30\n[engine]\nthreads = 1\n[arbiter]\nkv_budget_mib = 5\n"
+            '[apps."org.example.Reloaded"]\ntokens_per_minute = 1\n'
+        )
         done = busctl(
             own_bus.address, "call", "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1", "ReloadConfig"
         )
         assert done.returncode == 0, done.stderr
         assert '"reloaded" b true' in done.stdout and '"engine.threads"' in done.stdout
+        assert '"arbiter.kv_budget_mib"' in done.stdout
+        app = app_python(tmp_path, "org.example.Reloaded")  # per-app policy applies at once
+        assert "stats" in client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 3}), app=app)
+        over_quota = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 3}), app=app)
+        assert over_quota["error"] == "org.llmos.Error.QuotaExceeded"
         over = client(own_bus.address, "generate", "Hi", json.dumps({"max_tokens": 40}))
         assert over["error"] == "org.llmos.Error.InvalidArgument" and "limit of 30" in over["message"]
         conf.write_text("[limits]\nmax_tokens = 'lots'\n")

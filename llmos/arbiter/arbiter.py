@@ -142,6 +142,16 @@ class Arbiter:
                 req.seq.finish(FinishReason.CANCELLED)
             self._finish(req)
 
+    def clone_session(self, src: str, dst: str) -> bool:
+        """A cloned conversation starts with a copy of its source's parked KV (when in memory), so its
+        first prompt computes only the new turn."""
+        entry = self.kv.parked.get(src)
+        if entry is None or entry.kv is None:
+            return False
+        self.kv.park(dst, entry.app_id, entry.ids, entry.kv.copy())
+        self._enforce_budget()
+        return True
+
     def drop_session(self, key: str) -> None:
         """The session is gone: its requests stop and its KV (memory or disk) is freed."""
         for req in [*self.scheduler.running, *self.scheduler.queued()]:
