@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from llmos.arbiter.policy import AppPolicy, ArbiterConfig, PolicyTable
 from llmos.errors import LlmosError
@@ -29,7 +30,9 @@ class EngineConfig(BaseModel):
     context_length: int | None = Field(None, ge=64)  # None = the model's own
     prefill_chunk: int = Field(256, ge=16, le=8192)
     # onnxruntime execution providers, tried in order; CPU is the fallback when none initialises
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
+    providers: list[Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], min_length=1
+    )
 
 
 class LimitsConfig(BaseModel):
@@ -58,7 +61,9 @@ class DaemonConfig(BaseModel):
     arbiter: ArbiterConfig = ArbiterConfig()
     # per-app policy: [apps.default] for everyone, [apps."org.example.App"] for one app id
     apps: dict[str, AppPolicy] = {}
-    state_dir: Path | None = None  # None = $STATE_DIRECTORY (systemd), else ~/.local/state/llmos
+    # None = $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/llmos with --system, else
+    # $XDG_STATE_HOME/llmos (~/.local/state/llmos)
+    state_dir: Path | None = None
     watchdog_interval_s: float = Field(10.0, gt=0)
 
     @property

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -108,6 +109,13 @@ class Daemon:
         if known is None:
             known = self._callers[sender] = await identify(self.bus, sender)
         return known
+
+    @staticmethod
+    def sees_apps(viewer: Caller) -> bool:
+        """Which apps use the model, and how much, is private: per-app figures are for root and the
+        daemon's own user (on the session bus: the user whose apps they all are). An app id is not per
+        user (two users' copies of one app share it), so there is no "own row" to show anyone else."""
+        return viewer.uid in (0, os.getuid())
 
     def policy(self, app_id: str) -> AppPolicy:
         return self.config.policies.for_app(app_id)
@@ -232,9 +240,8 @@ def claim_swap_dir(root: Path) -> Path:
     """This daemon's own swap directory, <root>/<pid>. Swapped KV belongs to sessions, which end with
     the daemon, so directories of daemons no longer running are removed (several daemons of one user,
     e.g. on two buses, each keep their own)."""
-    import shutil
-
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the state dir: private
+    root.mkdir(exist_ok=True, mode=0o700)
     for d in root.iterdir():
         if d.is_dir() and d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
             shutil.rmtree(d, ignore_errors=True)
@@ -247,6 +254,7 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     arbiter = await asyncio.to_thread(make_arbiter, args, config)
     engine = await asyncio.to_thread(arbiter.load)
     model = ServedModel(engine.manifest, engine.tokenizer, engine.context_length)
+    del engine  # the arbiter alone holds the engine, so an idle unload really frees it
     bus_type = BusType.SYSTEM if args.system else BusType.SESSION
     bus = await PrivateObjectsBus(bus_type=bus_type, bus_address=args.address).connect()
     guard_send_buffer(bus)
@@ -290,9 +298,9 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
         return 1
     log.info(
         "serving %s (%s, %s) as %s",
-        engine.manifest.name,
-        engine.manifest.precision,
-        engine.runner.provider,
+        model.manifest.name,
+        model.manifest.precision,
+        arbiter.device,
         BUS_NAME,
     )
     sd_notify("READY=1")
@@ -310,6 +318,8 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     daemon.stopping = True
     jobs.shutdown(wait=False)
     await asyncio.to_thread(daemon.worker.stop)
+    if daemon.arbiter.kv.swap is not None:  # conversations end with the daemon: so does their KV
+        shutil.rmtree(daemon.arbiter.kv.swap.root, ignore_errors=True)
     await asyncio.sleep(0.2)  # let the Cancelled replies and Response signals go out
     pinger.cancel()
     bus.disconnect()
@@ -332,6 +342,9 @@ def start_periodic_jobs(daemon: Daemon) -> AsyncIOScheduler:
                 log.info("model unloaded after %.0f s idle; the next request reloads it", cfg.idle_unload_s)
 
         jobs.add_job(unload_if_idle, "interval", seconds=min(30.0, max(cfg.idle_unload_s / 4, 0.25)))
+    if cfg.pressure_check_s == 0:
+        jobs.start()
+        return jobs
     monitor = PressureMonitor(cfg.memory_pressure_pct)
     if not monitor.available and cfg.memory_pressure_pct > 0:
         log.warning("no memory pressure information (no /proc/pressure/memory, no cgroup memory.events)")

@@ -180,7 +180,10 @@ class EngineWorker:
         job.request = req
         try:
             self.arbiter.submit(req)
-        except LlmosError as e:
+        except Exception as e:  # named errors as they are; anything else (a reload failing on an OSError,
+            # MemoryError, ...) must still answer the caller, never leave it waiting
+            if not isinstance(e, LlmosError):
+                log.exception("could not queue a request")
             self._deliver_error(job, e)
             return
         self._jobs[req.request_id] = job

@@ -182,13 +182,15 @@ class LLMObject(ServiceInterface):
         return str(model_dir)
 
     @method()
-    def GetStatus(self) -> "a{sv}":
-        """The service at a glance, and per app: class, sessions, requests, tokens, KV memory."""
+    async def GetStatus(self) -> "a{sv}":
+        """The service at a glance, and per app: class, sessions, requests, tokens, KV memory. The per-app
+        figures only for root and the daemon's own user (see Daemon.sees_apps); totals for everyone."""
         d = self.daemon
+        sees_apps = d.sees_apps(await d.caller(current_sender()))
         snap = d.worker.snapshot()
         sessions = Counter(s.app_id for s in d.sessions.values())
         apps: dict[str, dict[str, Variant]] = {}
-        for app in sorted(set(sessions) | set(snap.get("apps", {}))):
+        for app in sorted(set(sessions) | set(snap.get("apps", {}))) if sees_apps else ():
             a = snap.get("apps", {}).get(app, {})
             apps[app] = {
                 "priority": Variant("s", d.policy(app).max_priority),
@@ -210,7 +212,7 @@ class LLMObject(ServiceInterface):
             "device_failures": Variant("as", snap.get("device_failures", [])),
             "context_length": Variant("u", d.model.context_length),
             "sessions": Variant("u", len(d.sessions)),
-            "sessions_by_app": Variant("a{su}", dict(sessions)),
+            "sessions_by_app": Variant("a{su}", {a: n for a, n in sessions.items() if a in apps}),
             "active_requests": Variant("u", d.worker.active_jobs()),
             "kv_bytes": Variant("t", snap.get("kv_resident_bytes", 0)),
             "kv_budget_bytes": Variant("t", snap.get("kv_budget_bytes", 0)),

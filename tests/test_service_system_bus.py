@@ -32,6 +32,7 @@ from typing import Any
 
 import dbus_fast
 import pytest
+from dbus_harness import client
 from system_bus_harness import (
     BUS_CLIENT,
     DAEMON_MODULES,
@@ -338,5 +339,12 @@ def test_another_user_cannot_use_or_read_a_session(rig: Rig) -> None:
         assert all(r["message"] == f"{session} belongs to another connection" for r in got[:7]), got
         # B's Close did nothing and its Clone made nothing: still exactly A's one session.
         assert rig.status()["sessions"] == 1
+        # Which apps use the model is not B's business either: totals yes, per-app figures no.
+        (status,) = rig.calls(rig.users.b, (NAME, "/org/llmos/LLM1", "org.llmos.LLM1", "GetStatus", "", []))
+        seen = status["body"][0]
+        assert seen["sessions"]["value"] == 1, seen
+        assert seen["apps"]["value"] == {} and seen["sessions_by_app"]["value"] == {}, seen
+        assert rig.status()["apps"] == {}  # nobody (A itself) is not root either
+        assert client(rig.bus.address, "status")["apps"], "root sees the per-app table"
         assert holder.close() == 0
     assert wait_until(lambda: rig.status()["sessions"] == 0)  # it went with A's connection

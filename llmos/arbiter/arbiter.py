@@ -13,6 +13,7 @@ unload.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import defaultdict, deque
@@ -27,6 +28,7 @@ from llmos.arbiter.request import Request
 from llmos.arbiter.scheduler import Scheduler
 from llmos.arbiter.swap_store import SwapStore
 from llmos.engine.llm_engine import LLMEngine
+from llmos.engine.memory import release_free_heap
 from llmos.engine.sequence import FinishReason
 from llmos.errors import ContextOverflowError, QuotaExceededError
 
@@ -92,6 +94,8 @@ class Arbiter:
         self.kv.swap_out_all()
         self.prefix.clear()
         self.engine = None
+        gc.collect()  # the session, its pool and the runner's buffers go now, not at some later cycle
+        release_free_heap()
         self.state = "unloaded"
         self.publish()
         return True
@@ -173,7 +177,8 @@ class Arbiter:
                 assert req.seq is not None
                 before = req.seq.prefilled
                 delta = engine.prefill_chunk(req.seq)
-                self._charge(req, req.seq.prefilled - before)
+                # the prompt tokens computed, and the first generated token once the prompt is done
+                self._charge(req, req.seq.prefilled - before + (delta is not None))
                 self._remember_prefix(engine, req, before)
                 if delta is not None:
                     self._deliver(req, delta)

@@ -47,8 +47,7 @@ class AppPolicy(BaseModel):
     @field_validator("max_priority")
     @classmethod
     def _known_priority(cls, v: str) -> str:
-        Priority.parse(v)
-        return v
+        return Priority.parse(v).label
 
     @property
     def priority_cap(self) -> Priority:
@@ -61,10 +60,10 @@ class ArbiterConfig(BaseModel):
     # KV memory of all sessions (MiB); over it, the coldest idle session KV goes to disk. 0 keeps no idle
     # session KV in memory at all (every finished turn is swapped out).
     kv_budget_mib: int = Field(1024, ge=0)
-    swap_dir: Path | None = None  # None = <state dir>/kv-swap
+    swap_dir: Path | None = None  # None = <state dir>/swap (each daemon uses its own <pid> subdirectory)
     idle_unload_s: float = Field(900.0, ge=0)  # unload the model after this long idle; 0 = never
     memory_pressure_pct: float = Field(10.0, ge=0, le=100)  # PSI "some avg10" that triggers swapping
-    pressure_check_s: float = Field(5.0, gt=0)
+    pressure_check_s: float = Field(5.0, ge=0)  # how often pressure is read; 0 = never (no reaction)
     prefix_cache_entries: int = Field(16, ge=0)  # shared system-prompt prefixes kept; 0 = off
     quantum_tokens: int = Field(256, ge=1)  # deficit round robin: tokens an app may use per round
 
