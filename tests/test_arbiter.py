@@ -186,3 +186,26 @@ def test_idle_unload_and_reload_on_demand(model_dir: Path, tmp_path: Path) -> No
     _run(arb, Request("hello", GREEDY, app_id="a"))
     assert arb.state == "ready" and arb.loads == 2
     assert first
+
+
+def test_a_long_prompt_never_holds_generating_apps_for_more_than_one_chunk(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    arb = _arbiter(model_dir, tmp_path)  # prefill chunks of 16 tokens (see _arbiter)
+    talker = Request("short question", SamplingParams(max_tokens=60, ignore_eos=True), app_id="a")
+    arb.submit(talker)
+    while talker.seq is None or not talker.seq.output_ids:
+        arb.step()
+    long = Request("many words " * 25, SamplingParams(max_tokens=1), app_id="b")  # several chunks
+    arb.submit(long)
+    gaps, run = [], 0
+    while not long.done:
+        before = len(talker.seq.output_ids)
+        arb.step()
+        if len(talker.seq.output_ids) == before:
+            run += 1  # a step that was not a decode for the talker
+        else:
+            gaps.append(run)
+            run = 0
+    assert max(gaps) <= 1, gaps  # at most one prefill chunk between two of the talker's tokens
+    assert long.seq is not None and len(long.seq.prompt_ids) > 64

@@ -185,8 +185,9 @@ def test_a_corrupt_swap_file_costs_a_recompute_not_the_conversation(
         "And on Sundays?",
     )
     assert read_json(talk, timeout=120)["paused"]
+    # the answer goes out first, the KV to disk right after it
+    assert wait_until(lambda: len(list((tmp_path / "state-1" / "swap").glob("*/*.kv"))) == 1, 10)
     files = list((tmp_path / "state-1" / "swap").glob("*/*.kv"))
-    assert len(files) == 1, files
     data = bytearray(files[0].read_bytes())
     data[len(data) // 2] ^= 0x55  # one flipped byte in the middle of the int8 KV
     files[0].write_bytes(bytes(data))

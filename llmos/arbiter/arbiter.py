@@ -39,16 +39,24 @@ WINDOW_S = 60.0
 @dataclass
 class AppUsage:
     tokens: int = 0  # computed for this app since start: prompt tokens prefilled + tokens generated
-    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) in the last minute
+    # tokens per whole second over the last minute, and their running sum: asked after every step, so
+    # neither a per-token list nor a sum over it
+    recent: deque[list[int]] = field(default_factory=deque)  # [second, tokens]
+    in_window: int = 0
 
     def add(self, n: int, now: float) -> None:
         self.tokens += n
-        self.recent.append((now, n))
+        self.in_window += n
+        second = int(now)
+        if self.recent and self.recent[-1][0] == second:
+            self.recent[-1][1] += n
+        else:
+            self.recent.append([second, n])
 
     def last_minute(self, now: float) -> int:
         while self.recent and self.recent[0][0] < now - WINDOW_S:
-            self.recent.popleft()
-        return sum(n for _, n in self.recent)
+            self.in_window -= self.recent.popleft()[1]
+        return self.in_window
 
 
 class Arbiter:
@@ -281,9 +289,9 @@ class Arbiter:
                     self.kv.park(req.session_key, req.app_id, seq.kv_ids(), seq.cache.export())
                 seq.cache.free()
                 seq.cache = None
-        self._enforce_budget()
-        if req.on_done is not None:
+        if req.on_done is not None:  # the owner first: compressing and writing KV can take 50 ms
             req.on_done(req)
+        self._enforce_budget()
 
     # -- memory -------------------------------------------------------------------------------------------
     def active_kv_bytes(self) -> int:
@@ -358,7 +366,7 @@ class Arbiter:
             return 0, 0.0
         now = time.monotonic()
         n = use.last_minute(now)
-        return n, (use.recent[0][0] + WINDOW_S - now) if use.recent else 0.0
+        return n, (use.recent[0][0] + 1 + WINDOW_S - now) if use.recent else 0.0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

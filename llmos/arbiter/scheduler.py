@@ -15,9 +15,9 @@ running class below it is preempted at the token boundary (its KV is parked, not
 class, an app holding two or more slots more than the waiting app gives one up the same way.
 
 Each step is one prefill chunk or one batched decode of every admitted, prefilled request. A prefill
-goes first when its class is at least the highest decoding class (a new interactive request is not kept
-behind background decoding); a lower-class prefill gets every other step, so it neither starves nor
-holds up the classes above it for more than one chunk at a time.
+goes first when its class is above every decoding class (a new interactive request is not kept behind
+background decoding); otherwise prefill chunks and decode steps alternate, so a long prompt never holds
+the apps already generating for more than one chunk at a time, and never starves either.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Scheduler:
         self.waiting: dict[Priority, OrderedDict[str, deque[Request]]] = {p: OrderedDict() for p in Priority}
         self.running: list[Request] = []  # admitted: holding a KV slot, prefilling or decoding
         self.deficit: dict[str, float] = defaultdict(float)
-        self._lower_prefill_turn = False
+        self._prefill_turn = False
 
     # -- queues -----------------------------------------------------------------------------------------
     def add(self, req: Request, front: bool = False) -> None:
@@ -154,10 +154,10 @@ class Scheduler:
         if prefilling:
             first = max(prefilling, key=lambda r: (r.priority, -r.arrived))
             top_decoding = max((r.priority for r in decoding), default=None)
-            if top_decoding is None or first.priority >= top_decoding or self._lower_prefill_turn:
-                self._lower_prefill_turn = False
+            if top_decoding is None or first.priority > top_decoding or self._prefill_turn:
+                self._prefill_turn = False
                 return "prefill", [first]
-            self._lower_prefill_turn = True
+            self._prefill_turn = True
         if decoding:
             return "decode", decoding
         return "idle", []
