@@ -226,6 +226,10 @@ class Tokenizer:
                 eos_ids.add(i)
         return cls(hf, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids, add_bos=add_bos, pre=str(pre_name))
 
+    def hf_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (what grammar engines such as llguidance load)."""
+        return self._hf.to_str()
+
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json` (each atomically) into `directory`."""
         d = Path(directory)

@@ -38,6 +38,7 @@ _TYPES = {
     "handle_token": "s",
     "priority": "s",
     "ignore_eos": "b",
+    "json_schema": "s",  # JSON text; the answer is JSON valid against it
 }
 _tokens = itertools.count(1)
 

@@ -132,6 +132,7 @@ class Daemon:
             priority=self.priority(app_id, opts.priority),  # type: ignore[attr-defined]
             policy=self.policy(app_id),
             session_key=session_key,
+            json_schema=opts.json_schema,  # type: ignore[attr-defined]
         )
 
     def check_session_quota(self, owner: str, app_id: str | None = None) -> None:

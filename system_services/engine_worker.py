@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from agents.structured_output import StructuredOutput
 from llmos.arbiter.arbiter import Arbiter
 from llmos.arbiter.policy import AppPolicy, Priority
 from llmos.arbiter.request import Request
@@ -52,6 +53,7 @@ class Job:
     priority: Priority = Priority.NORMAL
     policy: AppPolicy = field(default_factory=AppPolicy)
     session_key: str | None = None
+    json_schema: str | None = None  # constrain the answer to JSON valid against this schema
     on_delta: Callable[[str], None] | None = None  # called on the event loop
     future: asyncio.Future[JobResult] | None = None  # set by submit()
     request: Request | None = field(default=None, repr=False)
@@ -67,6 +69,7 @@ class EngineWorker:
         self._jobs: dict[int, Job] = {}  # request id -> job, touched on the worker thread only
         self._pending = 0  # jobs submitted and not yet ended (read by status on the event loop)
         self._stopping = False
+        self._structured: StructuredOutput | None = None  # built on the first json_schema request
         self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
         self._thread.start()
 
@@ -179,6 +182,8 @@ class EngineWorker:
             req.on_delta = lambda delta: self.loop.call_soon_threadsafe(on_delta, dbus_text(delta))
         job.request = req
         try:
+            if job.json_schema is not None:
+                req.constraint = self._structured_output().constraint(job.json_schema)
             self.arbiter.submit(req)
         except Exception as e:  # named errors as they are; anything else (a reload failing on an OSError,
             # MemoryError, ...) must still answer the caller, never leave it waiting
@@ -187,6 +192,11 @@ class EngineWorker:
             self._deliver_error(job, e)
             return
         self._jobs[req.request_id] = job
+
+    def _structured_output(self) -> StructuredOutput:
+        if self._structured is None:  # ~0.4 s once: llguidance's view of the model's tokenizer
+            self._structured = StructuredOutput(self.arbiter.load().tokenizer)
+        return self._structured
 
     def _cancel(self, job: Job) -> None:
         if job.request is not None and job.request.request_id in self._jobs:

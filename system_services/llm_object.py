@@ -27,7 +27,7 @@ log = logging.getLogger("llmosd")
 IFACE = "org.llmos.LLM1"
 PATH = "/org/llmos/LLM1"
 VERSION = 1
-GENERATE_OPTIONS = frozenset({*SAMPLING, "priority", "system_prompt"})
+GENERATE_OPTIONS = frozenset({*SAMPLING, "priority", "system_prompt", "json_schema"})
 MAX_COUNT_CHARS = 1 << 20
 INLINE_COUNT_CHARS = 4096
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ KNOWN: dict[str, tuple[frozenset[str], str]] = {
     "system_prompt": (frozenset("s"), "a string"),
     "handle_token": (frozenset("s"), "a string"),
     "priority": (frozenset("s"), "a string"),
+    "json_schema": (frozenset("s"), "a string (a JSON Schema)"),
 }
 PRIORITIES = ("interactive", "normal", "background")
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos")
@@ -36,6 +38,7 @@ class RequestOptions:
     system_prompt: str | None
     handle_token: str | None
     priority: str
+    json_schema: str | None = None  # the answer must be JSON valid against it (constrained decoding)
 
 
 def parse_options(
@@ -71,7 +74,13 @@ def parse_options(
         params = SamplingParams.of(**sampling)
     except InvalidSamplingError as e:
         raise error("InvalidArgument", str(e)) from None
-    return RequestOptions(params, values.get("system_prompt"), values.get("handle_token"), priority)
+    schema = values.get("json_schema")
+    if schema is not None:
+        try:
+            json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise error("InvalidArgument", f"json_schema is not JSON: {e}") from None
+    return RequestOptions(params, values.get("system_prompt"), values.get("handle_token"), priority, schema)
 
 
 def _token_ok(token: str) -> bool:

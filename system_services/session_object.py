@@ -21,7 +21,7 @@ IFACE = "org.llmos.Session1"
 VERSION = 1
 _numbers = itertools.count(1)
 SESSION_OPTIONS = frozenset({"system_prompt"})
-PROMPT_OPTIONS = frozenset({*SAMPLING, "priority"})
+PROMPT_OPTIONS = frozenset({*SAMPLING, "priority", "json_schema"})
 STREAM_OPTIONS = PROMPT_OPTIONS | {"handle_token"}
 
 

@@ -306,7 +306,30 @@ async def latencies(bus: MessageBus, repeats: str, prompt: str, opts: str) -> No
     say({"runs": out})
 
 
+async def structured(bus: MessageBus, cases_file: str, parallel: str = "8") -> None:
+    """Generate for each {"prompt", "schema", "seed"} case with json_schema set, `parallel` at a time;
+    print every answer (text, finish_reason) in order."""
+    with open(cases_file, encoding="utf-8") as f:
+        cases = json.load(f)
+    gate = asyncio.Semaphore(int(parallel))
+
+    async def one(case: dict[str, Any]) -> dict[str, Any]:
+        opts = {"json_schema": json.dumps(case["schema"]), "max_tokens": 1024, "temperature": 0.7}
+        opts["seed"] = case["seed"]
+        async with gate:
+            try:
+                text, stats = await call(
+                    bus, PATH, LLM, "Generate", "sa{sv}", [case["prompt"], variants(opts)]
+                )
+            except CallError as e:
+                return {"error": e.name, "message": e.message}
+        return {"text": text, "finish_reason": plain(stats)["finish_reason"]}
+
+    say({"answers": await asyncio.gather(*(one(c) for c in cases))})
+
+
 COMMANDS = {
+    "structured": structured,
     "on-go": on_go,
     "latencies": latencies,
     "converse": converse,

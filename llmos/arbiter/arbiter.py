@@ -138,6 +138,7 @@ class Arbiter:
                     f"prompt needs {e.needed}"
                 ) from None
             raise
+        req.seq.constraint = req.constraint
         self.scheduler.add(req)
         self.last_active = time.monotonic()
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmos.arbiter.policy import Priority
+from llmos.engine.constraint import TokenConstraint
 from llmos.engine.llm_engine import Prompt
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import Sequence
@@ -30,6 +31,7 @@ class Request:
     max_context: int = 0  # the app's quotas (see policy.AppPolicy); 0 = none
     tokens_per_minute: int = 0
     max_queued: int = 0
+    constraint: TokenConstraint | None = None  # grammar-constrained decoding (e.g. a JSON Schema)
     on_delta: Callable[[str], None] | None = None  # called on the arbiter's thread
     on_done: Callable[[Request], None] | None = None  # finished, cancelled or failed (see .error)
     request_id: int = field(default_factory=lambda: next(_ids))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
 
+from llmos.engine.constraint import TokenConstraint
 from llmos.engine.detokenizer import IncrementalDetokenizer
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.sampling import Sampler, SamplingParams
@@ -62,9 +63,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     usage: Usage = field(default_factory=Usage)
     created: float = field(default_factory=time.perf_counter)
+    constraint: TokenConstraint | None = None  # e.g. a JSON Schema grammar (agents/structured_output.py)
     sampler: Sampler = field(init=False)
 
     def sample(self, logits: Any) -> int:
+        if self.constraint is not None:
+            self.constraint.mask(logits)
         return self.sampler(logits, self.recent(self.params.repeat_last_n))
 
     def __post_init__(self) -> None:
@@ -95,6 +99,11 @@ class Sequence:
             self.usage.ttft_s = time.perf_counter() - self.created
         self.output_ids.append(token)
         self.usage.completion_tokens = len(self.output_ids)
+        if self.constraint is not None:
+            if token in self.eos_ids:  # the grammar allowed end-of-sequence: the output is complete
+                self.finish(FinishReason.STOP)
+                return self.detok.flush()
+            self.constraint.advance(token)
         if token in self.eos_ids and not self.params.ignore_eos:
             self.finish(FinishReason.STOP)
             return self.detok.flush()
