@@ -221,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.raw and args.system:
         raise UsageError("--system needs the chat template; it cannot be used with --raw")
     params = _sampling(args)  # bad options fail before a model is loaded
+    args.json_schema_text = _read_schema(args.json_schema) if args.json_schema else None
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if text.endswith("\n"):
         text = text[:-1]
@@ -241,13 +242,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": text}
         ]
-    out, usage, reason = _stream_to(sys.stdout, engine.stream(prompt, params))
+    constraint = None
+    if args.json_schema_text is not None:
+        from agents.structured_output import StructuredOutput
+
+        constraint = StructuredOutput(engine.tokenizer).constraint(args.json_schema_text)
+    out, usage, reason = _stream_to(sys.stdout, engine.stream(prompt, params, constraint=constraint))
     if not out.endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
     if not args.no_stats:
         _note(_stats_line(usage, reason))
     return 0
+
+
+def _read_schema(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--json-schema {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -470,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream a completion to stdout; stats go to stderr.",
     )
     g.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    g.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="answer with JSON valid against the JSON Schema in FILE (constrained decoding)",
+    )
     g.add_argument("prompt", help="the prompt, or - to read it from stdin")
     g.set_defaults(func=cmd_generate, usage=g.format_usage)
 

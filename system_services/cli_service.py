@@ -80,6 +80,7 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "stop": args.stop,
         "repetition_penalty": args.repeat_penalty,
+        "json_schema": getattr(args, "json_schema_text", None),
     }
 
 

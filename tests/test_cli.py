@@ -355,3 +355,39 @@ def test_progress_bar_on_a_terminal_redraws_one_line_per_stage() -> None:
     assert "[#####-----] 1/2" in lines[1] and lines[1].endswith("[##########] 2/2  0.0 s")
     assert lines[2].endswith("load check   [----------] 0/1")
     assert lines[3] == "a note" and lines[4] == ""
+
+
+def test_generate_with_a_json_schema_answers_valid_json(tmp: Path, store: Path) -> None:
+    """The tiny model is random weights: only the constraint can make its answer valid JSON."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    (tmp / "schema.json").write_text(json.dumps(schema))
+    for seed in range(3):
+        r = llmosctl(
+            "generate",
+            "--store",
+            store,
+            "--json-schema",
+            tmp / "schema.json",
+            "-t",
+            "1",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "64",
+            "Hello",
+            tmp=tmp,
+        )
+        assert r.returncode == 0, r.stderr
+        jsonschema.validate(json.loads(r.stdout), schema)
+    (tmp / "bad.json").write_text('{"type": "nonsense"}')
+    bad = llmosctl("generate", "--store", store, "--json-schema", tmp / "bad.json", "Hello", tmp=tmp)
+    assert_clean_failure(bad, 2, "json_schema cannot be used")
+    missing = llmosctl("generate", "--store", store, "--json-schema", tmp / "nope.json", "Hello", tmp=tmp)
+    assert_clean_failure(missing, 2, "--json-schema", "No such file")

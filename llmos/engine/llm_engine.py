@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.chat_template import ChatTemplate
+from llmos.engine.constraint import TokenConstraint
 from llmos.engine.detokenizer import IncrementalDetokenizer
 from llmos.engine.kv_cache import KVPool
 from llmos.engine.memory import release_free_heap
@@ -140,9 +141,12 @@ class LLMEngine:
             max_len=limit,
         )
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Sequence:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, constraint: TokenConstraint | None = None
+    ) -> Sequence:
         """Queue a request on this engine's own FIFO schedule, with a KV slot of its own."""
         seq = self.new_sequence(prompt, params)
+        seq.constraint = constraint
         seq.cache = self.pool.allocate()
         self.waiting.append(seq)
         return seq
@@ -229,8 +233,9 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         keep_cache: bool = False,
+        constraint: TokenConstraint | None = None,
     ) -> Iterator[StreamChunk]:
-        seq = self.add_request(prompt, params)
+        seq = self.add_request(prompt, params, constraint)
         sent = 0
         try:
             while not seq.finished:
