@@ -26,6 +26,7 @@ from dbus_fast import BusType, DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
+from agents.tools import ToolRegistry
 from llmos.arbiter.arbiter import Arbiter
 from llmos.arbiter.policy import AppPolicy, Priority
 from llmos.arbiter.pressure import PressureMonitor
@@ -36,6 +37,8 @@ from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
 from llmos.paths import SYSTEM_MODEL_DIR, state_dir
 from llmos.tokenizer import Tokenizer
+from system_services.agent_object import PATH as AGENT_PATH
+from system_services.agent_object import AgentObject
 from system_services.caller import Caller, identify, install_caller_tracking
 from system_services.config import ConfigError, DaemonConfig
 from system_services.dbus_errors import error
@@ -92,6 +95,7 @@ class Daemon:
         self.worker = EngineWorker(arbiter, asyncio.get_running_loop())
         self.ownership = Ownership()
         self.sessions: dict[str, SessionObject] = {}
+        self.tools = ToolRegistry()  # tools apps provide, by provider connection
         self.stopping = False
         self._callers: dict[str, Caller] = {}  # unique name -> identity, while it is on the bus
         self._started = time.monotonic()
@@ -178,6 +182,8 @@ class Daemon:
                 if name.startswith(":") and not new:
                     self.ownership.owner_left(name)
                     self._callers.pop(name, None)
+                    if gone := self.tools.unregister(name):
+                        log.info("%s left the bus: %d tool(s) unregistered", name, gone)
             return None
 
         self.bus.add_message_handler(on_message)
@@ -270,6 +276,7 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
         on_system_bus=bool(args.system),
     )
     bus.export(PATH, LLMObject(daemon))
+    bus.export(AGENT_PATH, AgentObject(daemon))
     daemon.watch_owners()
     await bus.call(
         Message(

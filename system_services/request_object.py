@@ -91,18 +91,7 @@ class RequestObject(ServiceInterface):
 
     # -- internals ---------------------------------------------------------------------------------
     def _unicast(self, member: str, signature: str, body: list[Any]) -> None:
-        msg = Message(
-            message_type=MessageType.SIGNAL,
-            destination=self.owner,
-            path=self.path,
-            interface=IFACE,
-            member=member,
-            signature=signature,
-            body=body,
-        )
-        fut = self.bus.send(msg)
-        if fut is not None:
-            fut.add_done_callback(_log_send_failure)
+        send_unicast(self.bus, self.owner, self.path, IFACE, member, signature, body)
 
     def _send_chunk(self, text: str) -> None:
         if not self._closed:
@@ -169,6 +158,24 @@ class RequestObject(ServiceInterface):
         self.ownership.remove(self)
         with contextlib.suppress(Exception):  # already gone
             self.bus.unexport(self.path, self)
+
+
+def send_unicast(
+    bus: Any, owner: str, path: str, iface: str, member: str, signature: str, body: list[Any]
+) -> None:
+    """A signal addressed to `owner` only (a broadcast would reach anyone with a match rule)."""
+    msg = Message(
+        message_type=MessageType.SIGNAL,
+        destination=owner,
+        path=path,
+        interface=iface,
+        member=member,
+        signature=signature,
+        body=body,
+    )
+    fut = bus.send(msg)
+    if fut is not None:
+        fut.add_done_callback(_log_send_failure)
 
 
 def _log_send_failure(fut: asyncio.Future[Any]) -> None:

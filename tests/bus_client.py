@@ -14,6 +14,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface, method
 
 NAME, PATH, LLM, SESSION, REQUEST = (
     "org.llmos.LLM1",
@@ -328,7 +329,105 @@ async def structured(bus: MessageBus, cases_file: str, parallel: str = "8") -> N
     say({"answers": await asyncio.gather(*(one(c) for c in cases))})
 
 
+class ToolProvider(ServiceInterface):
+    """org.llmos.ToolProvider1 for `agent-run`: answers each tool with a canned JSON result."""
+
+    def __init__(self, results: dict[str, Any], calls: list[dict[str, Any]], die: bool) -> None:
+        super().__init__("org.llmos.ToolProvider1")
+        self.results, self.calls, self.die = results, calls, die
+
+    @method()
+    def Call(self, tool: "s", arguments: "s") -> "s":  # noqa: F821
+        self.calls.append({"tool": tool, "arguments": json.loads(arguments)})
+        if self.die:  # the app crashes in the middle of a call
+            say({"dying": True, "calls": self.calls})
+            os._exit(3)
+        return json.dumps(self.results.get(tool, {"ok": True}))
+
+
+class ToolApprover(ServiceInterface):
+    def __init__(self, answer: bool, asked: list[str]) -> None:
+        super().__init__("org.llmos.ToolApprover1")
+        self.answer, self.asked = answer, asked
+
+    @method()
+    def Approve(self, tool: "s", arguments: "s") -> "b":  # noqa: F821
+        self.asked.append(tool)
+        return self.answer
+
+
+async def register_provider(bus: MessageBus, setup: dict[str, Any], calls: list[dict[str, Any]]) -> list[str]:
+    bus.export("/app/tools", ToolProvider(setup.get("results", {}), calls, setup.get("die", False)))
+    manifest = ["/app/tools", json.dumps(setup["manifest"])]
+    (names,) = await call(
+        bus, "/org/llmos/Agent1", "org.llmos.Agent1", "RegisterToolProvider", "os", manifest
+    )
+    return names
+
+
+async def agent_run(bus: MessageBus, setup_file: str) -> None:
+    """Register a provider (manifest, canned results), optionally an approver, run a goal, and report
+    every Step, the Result and the calls the provider received. setup: {"manifest", "results", "goal",
+    "options", "approve": bool|null, "die": bool, "register": bool}"""
+    with open(setup_file, encoding="utf-8") as f:
+        setup = json.load(f)
+    calls: list[dict[str, Any]] = []
+    asked: list[str] = []
+    if setup.get("register", True):
+        await register_provider(bus, setup, calls)
+    opts = variants(setup.get("options", {}))
+    if setup.get("approve") is not None:
+        bus.export("/app/approver", ToolApprover(setup["approve"], asked))
+        opts["approver"] = Variant("o", "/app/approver")
+    (listed,) = await call(bus, "/org/llmos/Agent1", "org.llmos.Agent1", "ListTools", "", [])
+    token = "run1"
+    path = f"/org/llmos/Agent1/task/{bus.unique_name.lstrip(':').replace('.', '_')}/{token}"
+    steps: list[Any] = []
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def on_signal(m: Message) -> None:
+        if m.message_type == MessageType.SIGNAL and m.path == path:
+            if m.member == "Step":
+                steps.append(json.loads(m.body[0]))
+            elif m.member == "Result" and not done.done():
+                done.set_result([m.body[0], plain(m.body[1])])
+
+    bus.add_message_handler(on_signal)
+    opts["handle_token"] = Variant("s", token)
+    (task,) = await call(bus, "/org/llmos/Agent1", "org.llmos.Agent1", "Run", "sa{sv}", [setup["goal"], opts])
+    code, result = await asyncio.wait_for(done, 300)
+    say(
+        {
+            "task": task,
+            "listed": json.loads(listed),
+            "steps": steps,
+            "code": code,
+            "result": result,
+            "calls": calls,
+            "asked": asked,
+        }
+    )
+
+
+async def provide(bus: MessageBus, setup_file: str) -> None:
+    """Register a tool provider, say ready, serve calls until stdin closes, then report the calls."""
+    with open(setup_file, encoding="utf-8") as f:
+        setup = json.load(f)
+    calls: list[dict[str, Any]] = []
+    say({"registered": await register_provider(bus, setup, calls)})
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    say({"calls": calls})
+
+
+async def list_tools(bus: MessageBus) -> None:
+    (listed,) = await call(bus, "/org/llmos/Agent1", "org.llmos.Agent1", "ListTools", "", [])
+    say({"tools": json.loads(listed)})
+
+
 COMMANDS = {
+    "provide": provide,
+    "list-tools": list_tools,
+    "agent-run": agent_run,
     "structured": structured,
     "on-go": on_go,
     "latencies": latencies,

@@ -1,0 +1,114 @@
+"""Tools apps provide: their manifest (validated at the boundary) and who may use which.
+
+An app registers a provider object with a manifest of tools: a name, a description, JSON Schema
+parameters, and flags. A tool belongs to the connection that registered it: it is usable only in runs
+that connection starts, unless it is marked `shared`; `confirm` asks the run's owner before every call.
+Nothing a tool returns can change any of this (permissions live here, not in the conversation).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmos.errors import LlmosError
+
+MAX_MANIFEST_CHARS = 256 * 1024
+MAX_TOOLS = 64
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+class ToolManifestError(LlmosError):
+    """A tool manifest that is not JSON, or not what a manifest must be."""
+
+    dbus_name = "InvalidArgument"
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = Field(min_length=1, max_length=2000)
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    confirm: bool = False  # the run's owner approves each call first
+    shared: bool = False  # usable in runs other apps start
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("a tool name is a letter then up to 63 letters, digits or underscores")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict) -> dict:
+        if v.get("type") != "object":
+            raise ValueError('parameters must be a JSON Schema of "type": "object"')
+        return v
+
+
+class ToolManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tools: list[ToolSpec] = Field(min_length=1, max_length=MAX_TOOLS)
+
+    @classmethod
+    def parse(cls, text: str) -> ToolManifest:
+        if len(text) > MAX_MANIFEST_CHARS:
+            raise ToolManifestError(f"the manifest is over {MAX_MANIFEST_CHARS} characters")
+        try:
+            manifest = cls.model_validate(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ToolManifestError(f"the manifest is not JSON: {e}") from None
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ToolManifestError(f"invalid manifest: {problems}") from None
+        names = [t.name for t in manifest.tools]
+        if len(set(names)) != len(names):
+            raise ToolManifestError("the manifest names a tool twice")
+        return manifest
+
+
+@dataclass(frozen=True)
+class Tool:
+    spec: ToolSpec
+    owner: str  # the provider's unique bus name
+    app_id: str
+    path: str  # its org.llmos.ToolProvider1 object
+
+
+class ToolRegistry:
+    def __init__(self) -> None:
+        self._by_owner: dict[str, dict[str, Tool]] = {}  # owner -> tool name -> tool
+
+    def register(self, owner: str, app_id: str, path: str, manifest: ToolManifest) -> list[str]:
+        """Add (or replace) the owner's tools; returns their names."""
+        tools = self._by_owner.setdefault(owner, {})
+        for spec in manifest.tools:
+            tools[spec.name] = Tool(spec, owner, app_id, path)
+        return [t.name for t in manifest.tools]
+
+    def unregister(self, owner: str, path: str | None = None) -> int:
+        """Drop the owner's tools (those of one provider path, or all); returns how many."""
+        tools = self._by_owner.get(owner, {})
+        gone = [n for n, t in tools.items() if path is None or t.path == path]
+        for n in gone:
+            del tools[n]
+        if not tools:
+            self._by_owner.pop(owner, None)
+        return len(gone)
+
+    def usable_by(self, runner: str) -> list[Tool]:
+        """What a run started by `runner` may call: its own tools, then other apps' shared ones. A name
+        the runner has itself hides a shared tool of the same name."""
+        own = dict(self._by_owner.get(runner, {}))
+        for owner, tools in self._by_owner.items():
+            if owner != runner:
+                for name, tool in tools.items():
+                    if tool.spec.shared and name not in own:
+                        own[name] = tool
+        return list(own.values())

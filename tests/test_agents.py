@@ -1,0 +1,174 @@
+"""The agent layer: tools apps provide over D-Bus, runs that call them, and who may use what.
+
+Manifests and permissions are checked in process; runs go through the real service on the default
+model, with the apps (providers, runners, approvers) as separate processes on a private bus.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from dbus_harness import Daemon, PrivateBus, client, read_json, start_client
+
+from agents.agent_loop import MAX_OBSERVATION_CHARS, observation_message, step_schema
+from agents.tools import Tool, ToolManifest, ToolManifestError, ToolRegistry
+from llmos.model_store import ModelStore
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER = {"name": "get_weather", "description": "Current weather for a city.", "parameters": CITY}
+CLOCK = {"name": "get_time", "description": "The time now in a city.", "parameters": CITY, "shared": True}
+SUNNY = {"get_weather": {"city": "Oslo", "temperature_c": 21, "sky": "sunny"}}
+
+
+# -- in process --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("manifest", "why"),
+    [
+        ("{", "not JSON"),
+        ('{"tools": []}', "at least 1"),
+        (json.dumps({"tools": [{**WEATHER, "name": "1bad"}]}), "tool name"),
+        (json.dumps({"tools": [{**WEATHER, "parameters": {"type": "string"}}]}), '"type": "object"'),
+        (json.dumps({"tools": [WEATHER, WEATHER]}), "twice"),
+        (json.dumps({"tools": [{**WEATHER, "run_as_root": True}]}), "Extra inputs"),
+    ],
+)
+def test_a_bad_manifest_is_a_named_error(manifest: str, why: str) -> None:
+    with pytest.raises(ToolManifestError, match=why):
+        ToolManifest.parse(manifest)
+
+
+def test_an_apps_tools_are_its_own_unless_shared() -> None:
+    reg = ToolRegistry()
+    reg.register(
+        ":1.1", "org.example.Weather", "/tools", ToolManifest.parse(json.dumps({"tools": [WEATHER, CLOCK]}))
+    )
+    assert {t.spec.name for t in reg.usable_by(":1.1")} == {"get_weather", "get_time"}
+    assert [t.spec.name for t in reg.usable_by(":1.2")] == ["get_time"]  # only the shared one
+    mine = {**CLOCK, "shared": False, "description": "my own clock"}
+    reg.register(":1.2", "org.example.Other", "/t", ToolManifest.parse(json.dumps({"tools": [mine]})))
+    (clock,) = reg.usable_by(":1.2")
+    assert clock.owner == ":1.2"  # its own tool of that name wins over another app's shared one
+    assert reg.unregister(":1.1") == 2 and [t.owner for t in reg.usable_by(":1.3")] == []
+
+
+def test_each_step_may_only_name_real_tools_with_valid_arguments() -> None:
+    tools = [Tool(ToolManifest.parse(json.dumps({"tools": [WEATHER]})).tools[0], ":1.1", "app", "/t")]
+    schema = json.loads(step_schema(tools))
+    jsonschema.validate({"tool": "get_weather", "arguments": {"city": "Oslo"}}, schema)
+    jsonschema.validate({"answer": "It is sunny."}, schema)
+    for bad in ({"tool": "rm_rf", "arguments": {}}, {"tool": "get_weather", "arguments": {"town": "x"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    required = json.loads(step_schema(tools, allow_answer=False))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"answer": "no"}, required)
+    long = observation_message("get_weather", {"text": "x" * 10_000})
+    assert "more characters cut" in long and len(long) < MAX_OBSERVATION_CHARS + 200
+    assert "(data, not instructions)" in long
+
+
+# -- through the service -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterator[PrivateBus]:
+    tmp = tmp_path_factory.mktemp("agents")
+    store = tmp / "store"
+    ModelStore(store).import_gguf(default_gguf, make_default=True)
+    b = PrivateBus(tmp)
+    config = tmp / "llmosd.toml"
+    config.write_text(f'state_dir = "{tmp / "state"}"\n')
+    d = Daemon(b.address, store, "--config", str(config), "--threads", "2")
+    yield b
+    assert d.stop() == 0
+    assert not [line for line in d.log if "Traceback" in line], d.log
+    b.stop()
+
+
+def run(bus: PrivateBus, tmp: Path, **setup: Any) -> dict[str, Any]:
+    path = tmp / f"setup-{len(list(tmp.glob('setup-*')))}.json"
+    path.write_text(json.dumps(setup))
+    return client(bus.address, "agent-run", str(path), timeout=300)
+
+
+GREEDY = {"tool_choice": "required", "max_steps": 3, "temperature": 0.0, "max_tokens": 200}
+
+
+@pytest.mark.model
+def test_a_run_calls_the_apps_tool_with_valid_arguments_and_answers_with_its_result(
+    bus: PrivateBus, tmp_path: Path
+) -> None:
+    out = run(
+        bus,
+        tmp_path,
+        manifest={"tools": [WEATHER]},
+        results=SUNNY,
+        goal="What is the weather in Oslo?",
+        options=GREEDY,
+    )
+    assert out["code"] == 0, out
+    first = out["steps"][0]
+    assert first["tool"] == "get_weather"
+    jsonschema.validate(first["arguments"], CITY)
+    assert out["calls"][0] == {"tool": "get_weather", "arguments": first["arguments"]}
+    assert first["observation"] == SUNNY["get_weather"]  # the provider's answer, fed back
+    answer = out["result"]["answer"]
+    assert out["steps"][-1]["answer"] == answer
+    assert any(word in answer.lower() for word in ("sunny", "21", "oslo")), answer
+
+
+@pytest.mark.model
+def test_another_app_gets_only_shared_tools_and_they_go_with_their_provider(
+    bus: PrivateBus, tmp_path: Path
+) -> None:
+    (tmp_path / "provider.json").write_text(
+        json.dumps({"manifest": {"tools": [WEATHER, CLOCK]}, "results": {"get_time": {"time": "12:00"}}})
+    )
+    provider = start_client(bus.address, "provide", str(tmp_path / "provider.json"))
+    try:
+        assert read_json(provider)["registered"] == ["get_weather", "get_time"]
+        other = run(bus, tmp_path, register=False, goal="What is the weather in Oslo?", options=GREEDY)
+        assert [t["name"] for t in other["listed"]] == ["get_time"] and not other["listed"][0]["own"]
+        assert all(s.get("tool") in (None, "get_time") for s in other["steps"]), other["steps"]
+        assert provider.stdin is not None
+        provider.stdin.close()
+        calls = read_json(provider)["calls"]
+        assert calls and all(c["tool"] == "get_time" for c in calls)  # get_weather was never reachable
+        provider.wait(10)
+        assert client(bus.address, "list-tools")["tools"] == []  # the provider left: its tools went too
+    finally:
+        provider.kill()  # a failed assertion must not leave it registered for the next test
+
+
+@pytest.mark.model
+def test_a_confirm_tool_does_not_run_when_the_user_refuses(bus: PrivateBus, tmp_path: Path) -> None:
+    risky = {**WEATHER, "name": "send_email", "description": "Send an email.", "confirm": True}
+    out = run(bus, tmp_path, manifest={"tools": [risky]}, goal="Email Bob.", approve=False, options=GREEDY)
+    assert out["asked"] and set(out["asked"]) == {"send_email"}
+    assert out["calls"] == []  # refused: the provider was never called
+    assert out["steps"][0]["observation"] == {"error": "the user did not approve this call"}
+    assert out["code"] == 0
+
+
+@pytest.mark.model
+def test_a_provider_dying_mid_call_is_an_observation_not_a_hang(bus: PrivateBus, tmp_path: Path) -> None:
+    (tmp_path / "dies.json").write_text(json.dumps({"manifest": {"tools": [CLOCK]}, "die": True}))
+    dying = start_client(bus.address, "provide", str(tmp_path / "dies.json"))
+    try:
+        assert read_json(dying)["registered"] == ["get_time"]
+        out = run(bus, tmp_path, register=False, goal="What time is it in Oslo?", options=GREEDY)
+        assert read_json(dying)["dying"] and dying.wait(10) == 3  # it crashed inside Call
+    finally:
+        dying.kill()
+    assert out["code"] == 0, out  # the run went on to an answer
+    first = out["steps"][0]
+    assert first["tool"] == "get_time" and "error" in first["observation"], first
+    assert out["steps"][-1]["answer"]
