@@ -25,7 +25,7 @@ VERSION = 1
 MAX_STEPS = 16
 _numbers = itertools.count(1)
 log = logging.getLogger("llmosd")
-RUN_KEYS = {"handle_token": "s", "max_steps": "u", "tool_choice": "s", "approver": "o"}
+RUN_KEYS = {"handle_token": "s", "max_steps": "u", "tool_choice": "s", "approver": "o", "constrained": "b"}
 
 
 class AgentObject(ServiceInterface):
@@ -110,6 +110,8 @@ class AgentObject(ServiceInterface):
                 "max_steps": max_steps,
                 "tool_choice": tool_choice,
                 "approver": own["approver"].value if "approver" in own else None,
+                # false only to measure what constrained decoding buys (bench/agents.py)
+                "constrained": own["constrained"].value if "constrained" in own else True,
             },
         )
         task.start()

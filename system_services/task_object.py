@@ -15,7 +15,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from agents.agent_loop import run_agent
+from agents.agent_loop import InvalidStepError, run_agent
 from agents.tools import Tool
 from system_services.dbus_errors import to_dbus_error
 from system_services.engine_worker import CancelledByDaemon, Job
@@ -89,6 +89,8 @@ class TaskObject(ServiceInterface):
                 self._call_tool,
                 max_steps=self.options["max_steps"],
                 tool_choice=self.options["tool_choice"],
+                constrained=self.options.get("constrained", True),
+                max_step_tokens=self.options["params"].max_tokens,
             ):
                 steps += 1
                 self._unicast("Step", "s", [step.to_json()])
@@ -98,13 +100,15 @@ class TaskObject(ServiceInterface):
                     )
                     return
             self._finish(RESULT_FAILED, _error("org.llmos.Error.Failed", "the run ended without an answer"))
+        except InvalidStepError as e:
+            self._finish(RESULT_FAILED, _error("org.llmos.Error.InvalidToolCall", str(e)))
         except (asyncio.CancelledError, CancelledByDaemon) as e:
             self._finish(RESULT_CANCELLED, _error("org.llmos.Error.Cancelled", str(e) or "cancelled"))
         except Exception as e:
             err = to_dbus_error(e)
             self._finish(RESULT_FAILED, _error(err.type, err.text))
 
-    async def _generate(self, messages: list[dict[str, str]], schema: str) -> str:
+    async def _generate(self, messages: list[dict[str, str]], schema: str | None) -> str:
         d = self.daemon
         job = d.job(messages, _StepOptions(self.options, schema), self.app_id)
         self._job = job
@@ -184,7 +188,7 @@ class TaskObject(ServiceInterface):
 class _StepOptions:
     """The options of one step's generation: the run's sampling and priority, the step's schema."""
 
-    def __init__(self, options: dict[str, Any], schema: str) -> None:
+    def __init__(self, options: dict[str, Any], schema: str | None) -> None:
         self.params = options["params"]
         self.priority = options["priority"]
         self.json_schema = schema

@@ -424,7 +424,46 @@ async def list_tools(bus: MessageBus) -> None:
     say({"tools": json.loads(listed)})
 
 
+async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None:
+    """For each case {"tools": [...], "request": ...}: register exactly its tools, Run with the first step
+    a required tool call, and record that step, the result and per-step wall times."""
+    with open(cases_file, encoding="utf-8") as f:
+        cases = json.load(f)
+    calls: list[dict[str, Any]] = []
+    bus.export("/app/tools", ToolProvider({}, calls, False))
+    agent = ("/org/llmos/Agent1", "org.llmos.Agent1")
+    events: dict[str, list[Any]] = {}
+
+    def on_signal(m: Message) -> None:
+        if m.message_type == MessageType.SIGNAL and m.path in events:
+            events[m.path].append((time.monotonic(), m.member, m.body))
+
+    bus.add_message_handler(on_signal)
+    out = []
+    prefix = f"/org/llmos/Agent1/task/{bus.unique_name.lstrip(':').replace('.', '_')}/"
+    for i, case in enumerate(cases):
+        await call(bus, *agent, "UnregisterToolProvider", "o", ["/app/tools"])
+        await call(
+            bus, *agent, "RegisterToolProvider", "os", ["/app/tools", json.dumps({"tools": case["tools"]})]
+        )
+        token = f"e{i}"
+        events[prefix + token] = []
+        opts = variants({"handle_token": token, "max_steps": 2, "tool_choice": "required", "max_tokens": 400})
+        opts["constrained"] = Variant("b", constrained == "1")
+        t0 = time.monotonic()
+        await call(bus, *agent, "Run", "sa{sv}", [case["request"], opts])
+        while not any(e[1] == "Result" for e in events[prefix + token]):
+            await asyncio.sleep(0.01)
+        evs = events.pop(prefix + token)
+        steps = [json.loads(b[0]) for _, member, b in evs if member == "Step"]
+        times = [t - t0 for t, member, _ in evs if member == "Step"]
+        (code, result) = next(plain(b) for _, member, b in evs if member == "Result")
+        out.append({"steps": steps, "step_s": times, "code": code, "result": result})
+    say({"runs": out})
+
+
 COMMANDS = {
+    "agent-eval": agent_eval,
     "provide": provide,
     "list-tools": list_tools,
     "agent-run": agent_run,
