@@ -105,8 +105,7 @@ class AgentObject(ServiceInterface):
             goal,
             self.daemon.tools.usable_by(sender),
             {
-                "params": opts.params,
-                "priority": opts.priority,
+                "request": opts,  # sampling and priority of every step (each adds its step's schema)
                 "max_steps": max_steps,
                 "tool_choice": tool_choice,
                 "approver": own["approver"].value if "approver" in own else None,

@@ -27,6 +27,7 @@ from llmos.graph_builder import PRECISIONS
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
 from system_services import cli_service, cli_top
+from system_services.cli_service import human_size
 from system_services.client import ServiceError
 from system_services.progress import ImportProgress
 
@@ -55,14 +56,6 @@ def _err(message: str) -> None:
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def dir_size(d: Path) -> int:

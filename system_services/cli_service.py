@@ -84,6 +84,15 @@ def options_from(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def human_size(n: float) -> str:
+    """Bytes as 512 B, 1.5 KiB, 12.0 MiB, 1.2 GiB (for llmosctl's tables)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def stats_line(stats: dict[str, Any]) -> str:
     return (
         f"[prompt {stats.get('tokens_in', 0)} tokens, completion {stats.get('tokens_out', 0)} tokens, "

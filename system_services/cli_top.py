@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from system_services import cli_service
+from system_services.cli_service import human_size
 from system_services.client import ServiceError
 
 EXIT_INTERRUPTED = 130
@@ -37,15 +38,6 @@ def interval_seconds(text: str) -> float:
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a number of seconds above 0")
     return v
-
-
-def size(n: float) -> str:
-    """Bytes as 512 B, 1.5 KiB, 12.0 MiB, 1.2 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def clip(text: str, width: int) -> str:
@@ -78,8 +70,8 @@ def app_rows(apps: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
             str(a["queued"]),
             str(a["tokens"]),
             str(a["tokens_last_minute"]),
-            size(a["kv_resident_bytes"]),
-            size(a["kv_swapped_bytes"]),
+            human_size(a["kv_resident_bytes"]),
+            human_size(a["kv_swapped_bytes"]),
             short_device(a["device"]),
         )
         for app, a in order
@@ -97,8 +89,8 @@ def render(st: dict[str, Any]) -> list[str]:
         + (f" (failed: {', '.join(failed)})" if failed else "")
         + f", up {uptime(st['uptime_s'])}",
         f"requests: {running} running, {queued} queued; sessions: {st['sessions']}",
-        f"KV memory: {size(st['kv_bytes'])} resident / {size(st['kv_budget_bytes'])} budget, "
-        f"{size(st['kv_swapped_bytes'])} swapped; prefix cache {size(st['prefix_cache_bytes'])}, "
+        f"KV memory: {human_size(st['kv_bytes'])} resident / {human_size(st['kv_budget_bytes'])} budget, "
+        f"{human_size(st['kv_swapped_bytes'])} swapped; prefix cache {human_size(st['prefix_cache_bytes'])}, "
         f"{st['prefix_hits']} hits",
         f"swaps: {st['swap_outs']} out, {st['swap_restores']} restored, {st['swap_recomputes']} recomputed; "
         f"model loads: {st['model_loads']}",

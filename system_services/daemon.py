@@ -31,7 +31,7 @@ from llmos.arbiter.arbiter import Arbiter
 from llmos.arbiter.policy import AppPolicy, Priority
 from llmos.arbiter.pressure import PressureMonitor
 from llmos.arbiter.swap_store import SwapStore
-from llmos.engine.llm_engine import LLMEngine
+from llmos.engine.llm_engine import LLMEngine, Prompt
 from llmos.errors import LlmosError
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
@@ -45,6 +45,7 @@ from system_services.dbus_errors import error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.llm_object import PATH, LLMObject
 from system_services.notify import sd_notify, watchdog_interval
+from system_services.options import RequestOptions
 from system_services.ownership import Ownership
 from system_services.private_bus import PrivateObjectsBus
 from system_services.send_guard import guard_send_buffer
@@ -128,15 +129,15 @@ class Daemon:
         """The class a request runs at: what it asks for, capped by its app's policy."""
         return min(Priority.parse(requested), self.policy(app_id).priority_cap)
 
-    def job(self, prompt: object, opts: object, app_id: str, session_key: str | None = None) -> Job:
+    def job(self, prompt: Prompt, opts: RequestOptions, app_id: str, session_key: str | None = None) -> Job:
         return Job(
-            prompt=prompt,  # type: ignore[arg-type]
-            params=opts.params,  # type: ignore[attr-defined]
+            prompt=prompt,
+            params=opts.params,
             app_id=app_id,
-            priority=self.priority(app_id, opts.priority),  # type: ignore[attr-defined]
+            priority=self.priority(app_id, opts.priority),
             policy=self.policy(app_id),
             session_key=session_key,
-            json_schema=opts.json_schema,  # type: ignore[attr-defined]
+            json_schema=opts.json_schema,
         )
 
     def check_session_quota(self, owner: str, app_id: str | None = None) -> None:

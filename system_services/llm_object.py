@@ -30,6 +30,28 @@ VERSION = 1
 GENERATE_OPTIONS = frozenset({*SAMPLING, "priority", "system_prompt", "json_schema"})
 MAX_COUNT_CHARS = 1 << 20
 INLINE_COUNT_CHARS = 4096
+# GetStatus keys copied from the arbiter's snapshot (which uses the same names), with their D-Bus types
+ARBITER_FIGURES = {
+    "device_failures": "as",
+    "kv_bytes": "t",
+    "kv_budget_bytes": "t",
+    "kv_swapped_bytes": "t",
+    "kv_free_slot_bytes": "t",
+    "prefix_cache_bytes": "t",
+    "prefix_hits": "u",
+    "swap_outs": "u",
+    "swap_restores": "u",
+    "swap_recomputes": "u",
+    "model_loads": "u",
+}
+APP_FIGURES = {
+    "queued": "u",
+    "running": "u",
+    "tokens": "t",
+    "tokens_last_minute": "t",
+    "kv_resident_bytes": "t",
+    "kv_swapped_bytes": "t",
+}
 
 
 class LLMObject(ServiceInterface):
@@ -191,16 +213,11 @@ class LLMObject(ServiceInterface):
         sessions = Counter(s.app_id for s in d.sessions.values())
         apps: dict[str, dict[str, Variant]] = {}
         for app in sorted(set(sessions) | set(snap.get("apps", {}))) if sees_apps else ():
-            a = snap.get("apps", {}).get(app, {})
+            figures = snap.get("apps", {}).get(app, {})
             apps[app] = {
                 "priority": Variant("s", d.policy(app).max_priority),
                 "sessions": Variant("u", sessions.get(app, 0)),
-                "queued": Variant("u", a.get("queued", 0)),
-                "running": Variant("u", a.get("running", 0)),
-                "tokens": Variant("t", a.get("tokens", 0)),
-                "tokens_last_minute": Variant("t", a.get("tpm", 0)),
-                "kv_resident_bytes": Variant("t", a.get("kv_resident", 0)),
-                "kv_swapped_bytes": Variant("t", a.get("kv_swapped", 0)),
+                **{k: Variant(APP_FIGURES[k], figures.get(k, 0)) for k in APP_FIGURES},
                 "device": Variant("s", d.arbiter.device),
             }
         return {
@@ -209,21 +226,11 @@ class LLMObject(ServiceInterface):
             "precision": Variant("s", d.model.manifest.precision),
             "state": Variant("s", d.state),
             "device": Variant("s", d.arbiter.device),
-            "device_failures": Variant("as", snap.get("device_failures", [])),
             "context_length": Variant("u", d.model.context_length),
             "sessions": Variant("u", len(d.sessions)),
             "sessions_by_app": Variant("a{su}", {a: n for a, n in sessions.items() if a in apps}),
             "active_requests": Variant("u", d.worker.active_jobs()),
-            "kv_bytes": Variant("t", snap.get("kv_resident_bytes", 0)),
-            "kv_budget_bytes": Variant("t", snap.get("kv_budget_bytes", 0)),
-            "kv_swapped_bytes": Variant("t", snap.get("kv_swapped_bytes", 0)),
-            "swap_outs": Variant("u", snap.get("swap_outs", 0)),
-            "swap_restores": Variant("u", snap.get("swap_restores", 0)),
-            "swap_recomputes": Variant("u", snap.get("swap_recomputes", 0)),
-            "prefix_hits": Variant("u", snap.get("prefix_hits", 0)),
-            "prefix_cache_bytes": Variant("t", snap.get("prefix_bytes", 0)),
-            "kv_free_slot_bytes": Variant("t", snap.get("pool_warm_bytes", 0)),
-            "model_loads": Variant("u", snap.get("loads", 0)),
+            **{k: Variant(sig, snap.get(k, [] if sig == "as" else 0)) for k, sig in ARBITER_FIGURES.items()},
             "apps": Variant("a{sa{sv}}", apps),
             "uptime_s": Variant("d", d.uptime()),
         }

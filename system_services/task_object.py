@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
@@ -90,7 +91,7 @@ class TaskObject(ServiceInterface):
                 max_steps=self.options["max_steps"],
                 tool_choice=self.options["tool_choice"],
                 constrained=self.options.get("constrained", True),
-                max_step_tokens=self.options["params"].max_tokens,
+                max_step_tokens=self.options["request"].params.max_tokens,
             ):
                 steps += 1
                 self._unicast("Step", "s", [step.to_json()])
@@ -110,7 +111,7 @@ class TaskObject(ServiceInterface):
 
     async def _generate(self, messages: list[dict[str, str]], schema: str | None) -> str:
         d = self.daemon
-        job = d.job(messages, _StepOptions(self.options, schema), self.app_id)
+        job = d.job(messages, replace(self.options["request"], json_schema=schema), self.app_id)
         self._job = job
         try:
             result = await d.run_for_caller(job, self.owner)
@@ -183,15 +184,6 @@ class TaskObject(ServiceInterface):
         self.daemon.ownership.remove(self)
         with contextlib.suppress(Exception):
             self.daemon.bus.unexport(self.path, self)
-
-
-class _StepOptions:
-    """The options of one step's generation: the run's sampling and priority, the step's schema."""
-
-    def __init__(self, options: dict[str, Any], schema: str | None) -> None:
-        self.params = options["params"]
-        self.priority = options["priority"]
-        self.json_schema = schema
 
 
 def _error(name: str, message: str) -> dict[str, Variant]:

@@ -98,6 +98,27 @@ class Daemon:
         return self.proc.wait(timeout=30)
 
 
+def tiny_store(tmp: Path, context_length: int = 1024) -> Path:
+    """A model store in `tmp` whose default model is a tiny random-weight Q4_1 llama ("tiny")."""
+    from llmos.model_store import ModelStore
+    from llmos.tiny_model import write_random_gguf
+
+    gguf = write_random_gguf(tmp / "tiny.gguf", weight_type="Q4_1", context_length=context_length, seed=5)
+    root = tmp / "store"
+    ModelStore(root).import_gguf(gguf, name="tiny", make_default=True)
+    return root
+
+
+def wait_until(predicate: Any, timeout: float = 30.0) -> bool:
+    """Poll `predicate` every 0.1 s; whether it became true within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def app_python(tmp: Path, app_id: str) -> tuple[list[str], dict[str, str]]:
     """A Python interpreter that the daemon identifies as `app_id`, with the env to run it.
 

@@ -14,20 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbus_harness import REPO, Daemon, PrivateBus, client, read_json, start_client
+from dbus_harness import REPO, Daemon, PrivateBus, client, read_json, start_client, tiny_store
 
-from llmos.model_store import ModelStore
-from llmos.tiny_model import write_random_gguf
 from system_services.cli_top import APP_WIDTH, clip, render
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("top")
-    gguf = write_random_gguf(tmp / "tiny.gguf", weight_type="Q4_1", context_length=1024, seed=5)
-    root = tmp / "store"
-    ModelStore(root).import_gguf(gguf, name="tiny", make_default=True)
-    return root
+    return tiny_store(tmp_path_factory.mktemp("top"))
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbus_harness import Daemon, PrivateBus, app_python, busctl, client, gdbus, read_json, start_client
+from dbus_harness import (
+    Daemon,
+    PrivateBus,
+    app_python,
+    busctl,
+    client,
+    gdbus,
+    read_json,
+    start_client,
+    tiny_store,
+    wait_until,
+)
 
-from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
 from system_services.client import LLMClient, ServiceError
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("svc")
-    gguf = write_random_gguf(tmp / "tiny.gguf", weight_type="Q4_1", context_length=4096, seed=5)
-    root = tmp / "store"
-    ModelStore(root).import_gguf(gguf, name="tiny", make_default=True)
-    return root
+    return tiny_store(tmp_path_factory.mktemp("svc"), context_length=4096)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +73,6 @@ def stop_own(own_bus: PrivateBus) -> None:
             proc.kill()
     _started.clear()
     own_bus.stop()
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_generic_clients_see_and_use_the_api(bus: PrivateBus, daemon: Daemon) -> None:

@@ -15,10 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dbus_harness import Daemon, PrivateBus, app_python, busctl, client, read_json, start_client
+from dbus_harness import (
+    Daemon,
+    PrivateBus,
+    app_python,
+    busctl,
+    client,
+    read_json,
+    start_client,
+    tiny_store,
+    wait_until,
+)
 
 from llmos.model_store import ModelStore
-from llmos.tiny_model import write_random_gguf
 
 FOREGROUND, BACKGROUND = "org.example.Editor", "org.example.Indexer"
 APP_A, APP_B = "org.example.Mail", "org.example.Notes"
@@ -32,12 +41,8 @@ def real_store(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("tiny")
-    gguf = write_random_gguf(tmp / "tiny.gguf", weight_type="Q4_1", context_length=1024, seed=5)
-    root = tmp / "store"
-    ModelStore(root).import_gguf(gguf, name="tiny", make_default=True)
-    return root
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -73,15 +78,6 @@ def running(tmp_path: Path) -> Iterator[Running]:
 
 def status(address: str) -> dict:
     return client(address, "status")
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.model
@@ -203,7 +199,7 @@ def test_a_corrupt_swap_file_costs_a_recompute_not_the_conversation(
 
 
 def test_quotas_are_named_errors_with_a_retry_hint(
-    bus: PrivateBus, running: Running, tiny_store: Path, tmp_path: Path
+    bus: PrivateBus, running: Running, tiny: Path, tmp_path: Path
 ) -> None:
     config = f"""
 [apps."{APP_A}"]
@@ -212,7 +208,7 @@ tokens_per_minute = 40
 max_sessions = 1
 max_context = 64
 """
-    running.start(bus.address, tiny_store, config)
+    running.start(bus.address, tiny, config)
     a = app_python(tmp_path, APP_A)
     first = client(
         bus.address, "generate", "hello", json.dumps({"max_tokens": 40, "ignore_eos": True}), app=a
@@ -263,11 +259,11 @@ def test_the_model_unloads_when_idle_and_reloads_on_demand(
 
 
 def test_a_device_that_fails_to_start_falls_back_to_cpu_and_says_so(
-    bus: PrivateBus, running: Running, tiny_store: Path
+    bus: PrivateBus, running: Running, tiny: Path
 ) -> None:
     running.start(
         bus.address,
-        tiny_store,
+        tiny,
         '[engine]\nproviders = ["NoSuchNPUExecutionProvider", "CPUExecutionProvider"]\n',
     )
     st = status(bus.address)
@@ -278,11 +274,9 @@ def test_a_device_that_fails_to_start_falls_back_to_cpu_and_says_so(
     assert client(bus.address, "generate", "hello", json.dumps({"max_tokens": 3}))["stats"]["tokens_out"] == 3
 
 
-def test_memory_pressure_swaps_idle_session_kv_to_disk(
-    bus: PrivateBus, running: Running, tiny_store: Path
-) -> None:
+def test_memory_pressure_swaps_idle_session_kv_to_disk(bus: PrivateBus, running: Running, tiny: Path) -> None:
     """Threshold 0 means "always under pressure" (the real PSI file is read; it just always trips)."""
-    running.start(bus.address, tiny_store, "[arbiter]\nmemory_pressure_pct = 0\npressure_check_s = 0.2\n")
+    running.start(bus.address, tiny, "[arbiter]\nmemory_pressure_pct = 0\npressure_check_s = 0.2\n")
     holder = start_client(bus.address, "converse", "", json.dumps({"max_tokens": 8}), "hello there", "-")
     assert read_json(holder)["paused"]
     assert wait_until(lambda: status(bus.address)["kv_swapped_bytes"] > 0, 10)

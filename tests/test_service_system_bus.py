@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import dbus_fast
 import pytest
-from dbus_harness import client
+from dbus_harness import client, wait_until
 from system_bus_harness import (
     BUS_CLIENT,
     DAEMON_MODULES,
@@ -124,15 +123,6 @@ def assert_complete(out: dict[str, Any], token: str, max_tokens: int) -> None:
     assert out["results"]["finish_reason"] == "length"
     assert out["chunks"] == out["results"]["chunks"] >= 1
     assert out["joined"] == out["results"]["text"]
-
-
-def wait_until(predicate: Any, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------

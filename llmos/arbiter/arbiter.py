@@ -34,6 +34,8 @@ from llmos.errors import ContextOverflowError, QuotaExceededError
 
 log = logging.getLogger("llmos.arbiter")
 WINDOW_S = 60.0
+PUBLISH_EVERY_S = 0.1
+APP_KEYS = ("queued", "running", "tokens", "tokens_last_minute", "kv_resident_bytes", "kv_swapped_bytes")
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Arbiter:
         self.device = ""  # the execution provider in use (kept while unloaded: the one used last)
         self.device_failures: list[str] = []  # providers tried before it, and why they failed
         self._snapshot: dict[str, Any] = {}
+        self._published_at = 0.0
+        self._changed = False  # requests admitted or ended since the last snapshot
 
     # -- residency ----------------------------------------------------------------------------------------
     def load(self) -> LLMEngine:
@@ -110,7 +114,7 @@ class Arbiter:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.queued())
+        return bool(self.scheduler.running) or self.scheduler.has_waiting
 
     def idle_for(self) -> float:
         return 0.0 if self.has_work else time.monotonic() - self.last_active
@@ -202,7 +206,10 @@ class Arbiter:
                 req.error = e
                 self._finish(req)
         self.last_active = time.monotonic()
-        self.publish()
+        # not after every token: a snapshot walks every app and parked session. Promptly when requests
+        # come or go (what status readers wait for), else a few times a second for the token counts.
+        if self._changed or self.last_active - self._published_at >= PUBLISH_EVERY_S:
+            self.publish()
         return True
 
     def _admit(self, engine: LLMEngine) -> None:
@@ -212,6 +219,7 @@ class Arbiter:
                 self._preempt(victim)
             self.scheduler.admit(req)
             self._attach_kv(engine, req)
+            self._changed = True
 
     def _attach_kv(self, engine: LLMEngine, req: Request) -> None:
         seq = req.seq
@@ -280,6 +288,7 @@ class Arbiter:
 
     def _finish(self, req: Request) -> None:
         """The request is over (however): park or free its KV, tell its owner, enforce the budget."""
+        self._changed = True
         self.scheduler.remove(req)
         seq = req.seq
         if seq is not None:
@@ -325,37 +334,37 @@ class Arbiter:
         return self._snapshot
 
     def publish(self) -> None:
-        """Refresh the snapshot other threads read (after every step and every command)."""
-        now = time.monotonic()
-        apps: dict[str, dict[str, int]] = defaultdict(
-            lambda: {"queued": 0, "running": 0, "kv_resident": 0, "kv_swapped": 0, "tokens": 0, "tpm": 0}
-        )
+        """Refresh the snapshot other threads read (after every step and every command). Its keys are
+        the service's GetStatus keys."""
+        now = self._published_at = time.monotonic()
+        self._changed = False
+        apps: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(APP_KEYS, 0))
         for r in self.scheduler.queued():
             apps[r.app_id]["queued"] += 1
         for r in self.scheduler.running:
             apps[r.app_id]["running"] += 1
             if r.seq is not None and r.seq.cache is not None:
-                apps[r.app_id]["kv_resident"] += r.seq.cache.nbytes()
-        for app, (mem, disk) in self.kv.by_app().items():
-            apps[app]["kv_resident"] += mem
-            apps[app]["kv_swapped"] += disk
+                apps[r.app_id]["kv_resident_bytes"] += r.seq.cache.nbytes()
+        parked = self.kv.by_app()
+        for app, (mem, disk) in parked.items():
+            apps[app]["kv_resident_bytes"] += mem
+            apps[app]["kv_swapped_bytes"] += disk
         for app, use in self.usage.items():
             apps[app]["tokens"] = use.tokens
-            apps[app]["tpm"] = use.last_minute(now)
+            apps[app]["tokens_last_minute"] = use.last_minute(now)
         self._snapshot = {
             "state": self.state,
             "apps": {k: dict(v) for k, v in apps.items()},
             "kv_budget_bytes": self.kv.budget_bytes,
-            "kv_resident_bytes": self.active_kv_bytes() + self.kv.resident_bytes(),  # sessions' KV
-            "prefix_bytes": self.prefix.nbytes(),  # shared prefixes (counted in the budget too)
-            "pool_warm_bytes": self.engine.pool.warm_free_bytes() if self.engine is not None else 0,
-            "kv_swapped_bytes": sum(d for _, d in self.kv.by_app().values()),
+            "kv_bytes": self.active_kv_bytes() + self.kv.resident_bytes(),  # sessions' KV in memory
+            "prefix_cache_bytes": self.prefix.nbytes(),  # shared prefixes (counted in the budget too)
+            "kv_free_slot_bytes": self.engine.pool.warm_free_bytes() if self.engine is not None else 0,
+            "kv_swapped_bytes": sum(disk for _, disk in parked.values()),
             "swap_outs": self.kv.swapped_out,
             "swap_restores": self.kv.restored_from_disk,
             "swap_recomputes": self.kv.recomputed,
-            "prefix_entries": len(self.prefix.entries),
             "prefix_hits": self.prefix.hits,
-            "loads": self.loads,
+            "model_loads": self.loads,
             "device": self.device,
             "device_failures": list(self.device_failures),
         }

@@ -129,11 +129,13 @@ class KVManager:
     def enforce(self, other_bytes: int) -> int:
         """Swap least recently used parked KV out until parked + `other_bytes` fits the budget; returns
         how many entries went to disk."""
-        n = 0
+        n, resident = 0, self.resident_bytes()
         for entry in list(self.parked.values()):
-            if self.resident_bytes() + other_bytes <= self.budget_bytes:
+            if resident + other_bytes <= self.budget_bytes:
                 break
-            n += self.swap_out(entry)
+            size = entry.resident_bytes
+            if self.swap_out(entry):
+                n, resident = n + 1, resident - size
         return n
 
     def swap_out_all(self) -> int:

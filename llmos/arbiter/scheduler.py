@@ -72,6 +72,11 @@ class Scheduler:
         ):
             self.deficit[app] = min(self.deficit[app], 0.0)
 
+    @property
+    def has_waiting(self) -> bool:
+        """Asked several times per step: no list is built (a ring is dropped when its app's queue empties)."""
+        return any(self.waiting.values())
+
     def queued(self) -> list[Request]:
         return [r for ring in self.waiting.values() for q in ring.values() for r in q]
 

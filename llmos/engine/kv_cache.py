@@ -88,10 +88,7 @@ class KVCache:
         expect = (self.pool.n_layer, 2, self.pool.n_head_kv, n, self.pool.head_dim)
         if kv.shape != expect:
             raise ValueError(f"KV of shape {kv.shape} does not fit this pool (expected {expect})")
-        self.length = 0
-        self.reserve(n)
-        self.pool.data[:, :, self.slot, :, :n] = kv
-        self.length = n
+        self.fill(n)[...] = kv
 
     def free(self) -> None:
         self.pool.release(self)
