@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -49,6 +51,53 @@ class ToolSpec(BaseModel):
         if v.get("type") != "object":
             raise ValueError('parameters must be a JSON Schema of "type": "object"')
         return v
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+    "object": (dict,),
+    "null": (type(None),),
+}
+
+
+def argument_problems(schema: dict, arguments: Any) -> list[str]:
+    """What is wrong with `arguments` for a tool's parameters schema, checked at the top level: an
+    object, required names present, no names the schema closes out, each value's type, enum/const and
+    string length. Steps of the planner are constrained by the whole schema already; this guards calls
+    made by an agent's own step logic, before they reach the app."""
+    if not isinstance(arguments, dict):
+        return ["the arguments are not a JSON object"]
+    props: dict = schema.get("properties", {})
+    problems = [f"{name!r} is missing" for name in schema.get("required", []) if name not in arguments]
+    if schema.get("additionalProperties") is False:
+        problems += [f"{name!r} is not a parameter" for name in arguments if name not in props]
+    for name, value in arguments.items():
+        rule = props.get(name)
+        if not isinstance(rule, dict):
+            continue
+        types = rule.get("type")
+        types = [types] if isinstance(types, str) else types or []
+        known = [t for t in types if t in _JSON_TYPES]
+        # bool is an int in Python, not in JSON
+        if known and not any(
+            isinstance(value, _JSON_TYPES[t]) and not (isinstance(value, bool) and t in ("integer", "number"))
+            for t in known
+        ):
+            problems.append(f"{name!r} must be {' or '.join(known)}")
+        if "enum" in rule and value not in rule["enum"]:
+            problems.append(f"{name!r} must be one of {rule['enum']}")
+        if "const" in rule and value != rule["const"]:
+            problems.append(f"{name!r} must be {rule['const']!r}")
+        if isinstance(value, str):
+            if len(value) > rule.get("maxLength", len(value)):
+                problems.append(f"{name!r} is over {rule['maxLength']} characters")
+            if len(value) < rule.get("minLength", 0):
+                problems.append(f"{name!r} is under {rule['minLength']} characters")
+    return problems
 
 
 class ToolManifest(BaseModel):
@@ -102,12 +151,17 @@ class ToolRegistry:
             self._by_owner.pop(owner, None)
         return len(gone)
 
-    def usable_by(self, runner: str) -> list[Tool]:
-        """What a run started by `runner` may call: its own tools, then other apps' shared ones. A name
-        the runner has itself hides a shared tool of the same name."""
-        own = dict(self._by_owner.get(runner, {}))
+    def usable_by(self, runners: Collection[str]) -> list[Tool]:
+        """What a run started by `runners` (one connection, or all of an app's for a scheduled run) may
+        call: their own tools, then other apps' shared ones. A name the runner has itself hides a shared
+        tool of the same name."""
+        if isinstance(runners, str):
+            runners = (runners,)
+        own: dict[str, Tool] = {}
+        for runner in runners:
+            own.update(self._by_owner.get(runner, {}))
         for owner, tools in self._by_owner.items():
-            if owner != runner:
+            if owner not in runners:
                 for name, tool in tools.items():
                     if tool.spec.shared and name not in own:
                         own[name] = tool

@@ -10,22 +10,24 @@ import json
 import logging
 from typing import Any
 
+from dbus_fast import Variant
 from dbus_fast.constants import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_property, method
+from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
+from agents.catalog import DEFAULT_AGENT
 from agents.tools import ToolManifest, ToolManifestError
+from llmos.errors import LlmosError
+from system_services.agent_run import AgentRun, parse_run_options
 from system_services.caller import current_sender
 from system_services.dbus_errors import error, to_dbus_error
-from system_services.options import parse_options
 from system_services.task_object import TaskObject, task_path
 
 IFACE = "org.llmos.Agent1"
 PATH = "/org/llmos/Agent1"
 VERSION = 1
-MAX_STEPS = 16
+MAX_GOAL_CHARS = 256 * 1024
 _numbers = itertools.count(1)
 log = logging.getLogger("llmosd")
-RUN_KEYS = {"handle_token": "s", "max_steps": "u", "tool_choice": "s", "approver": "o", "constrained": "b"}
 
 
 class AgentObject(ServiceInterface):
@@ -57,12 +59,24 @@ class AgentObject(ServiceInterface):
         return self.daemon.tools.unregister(current_sender(), path)
 
     @method()
-    def ListTools(self) -> "s":
-        """The tools a run started by the caller may use, as JSON."""
+    async def ListTools(self) -> "s":
+        """The tools a run started by the caller may use, as JSON: its own, other apps' shared ones, and
+        the system tools its policy allows, each system tool with whether it is available now and, if
+        not, why (an absent service is reported, never faked)."""
         sender = current_sender()
-        return json.dumps(
-            [{**t.spec.model_dump(), "own": t.owner == sender} for t in self.daemon.tools.usable_by(sender)]
-        )
+        caller = await self.daemon.caller(sender)
+        listed = [
+            {**t.spec.model_dump(), "own": t.owner == sender} for t in self.daemon.tools.usable_by({sender})
+        ]
+        allowed = self.daemon.allowed_system_tools(caller.app_id)
+        why = await self.daemon.system_tools.availability(allowed)
+        for spec in self.daemon.system_tools.specs():
+            if spec.name in allowed:
+                listed.append(
+                    {**spec.model_dump(), "own": False, "system": True, "available": why[spec.name] is None}
+                    | ({"unavailable": why[spec.name]} if why[spec.name] else {})
+                )
+        return json.dumps(listed)
 
     @method()
     async def Run(self, goal: "s", options: "a{sv}") -> "o":
@@ -73,45 +87,83 @@ class AgentObject(ServiceInterface):
         sender = current_sender()
         if not goal.strip():
             raise error("InvalidArgument", "the goal is empty")
-        own = {k: options.pop(k) for k in list(options) if k in RUN_KEYS}
-        for key, var in own.items():
-            if var.signature != RUN_KEYS[key]:
-                raise error("InvalidArgument", f"option {key!r} must be of D-Bus type {RUN_KEYS[key]!r}")
-        limits = self.daemon.config.limits
-        opts = parse_options(
-            options,
-            default_max_tokens=limits.default_max_tokens,
-            max_tokens_limit=limits.max_tokens,
-            allowed=frozenset({"temperature", "top_k", "top_p", "seed", "max_tokens", "priority"}),
-        )
-        max_steps = own["max_steps"].value if "max_steps" in own else 6
-        if not 1 <= max_steps <= MAX_STEPS:
-            raise error("InvalidArgument", f"max_steps must be 1 to {MAX_STEPS}")
-        tool_choice = own["tool_choice"].value if "tool_choice" in own else "auto"
-        if tool_choice not in ("auto", "required", "none"):
-            raise error("InvalidArgument", "tool_choice must be auto, required or none")
-        token = own["handle_token"].value if "handle_token" in own else f"t{next(_numbers)}"
-        if not (0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c == "_") for c in token)):
+        if len(goal) > MAX_GOAL_CHARS:
+            raise error("InvalidArgument", f"the goal is over {MAX_GOAL_CHARS} characters")
+        token = options.pop("handle_token", None)
+        if token is None:
+            token = f"t{next(_numbers)}"
+        elif token.signature != "s" or not _token_ok(token.value):
             raise error("InvalidArgument", "handle_token must be 1-64 characters of A-Z, a-z, 0-9 and _")
+        else:
+            token = token.value
+        agent_name = options.pop("agent", Variant("s", DEFAULT_AGENT))
+        if agent_name.signature != "s":
+            raise error("InvalidArgument", "option 'agent' must be of D-Bus type 's'")
+        settings = parse_run_options(options, self.daemon.config.limits)
+        caller = await self.daemon.caller(sender)
+        allowed = self.daemon.allowed_system_tools(caller.app_id)
+        if denied := sorted(set(settings.system_tools or ()) - set(allowed)):
+            raise error("AccessDenied", f"the policy for {caller.app_id} does not allow {', '.join(denied)}")
         path = task_path(sender, token)
         if any(o.path == path for o in self.daemon.ownership.owned_by(sender)):
             raise error("InvalidArgument", f"handle_token {token!r} is already in use by a running task")
-        caller = await self.daemon.caller(sender)
-        task = TaskObject(
-            self.daemon,
-            sender,
-            caller.app_id,
-            path,
-            goal,
-            self.daemon.tools.usable_by(sender),
-            {
-                "request": opts,  # sampling and priority of every step (each adds its step's schema)
-                "max_steps": max_steps,
-                "tool_choice": tool_choice,
-                "approver": own["approver"].value if "approver" in own else None,
-                # false only to measure what constrained decoding buys (bench/agents.py)
-                "constrained": own["constrained"].value if "constrained" in own else True,
-            },
-        )
-        task.start()
+        try:
+            agent = self.daemon.agents.get(agent_name.value)
+            usable = await self.daemon.usable_tools({sender}, caller.app_id, settings.system_tools)
+            tools = agent.select_tools(usable)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+        run = AgentRun(self.daemon, agent, goal, tools, settings, app_id=caller.app_id, owner=sender)
+        TaskObject(self.daemon, path, run).start()
         return path
+
+    @method()
+    def ListAgents(self) -> "s":
+        """The agents this daemon offers (built-in and plugins) and plugins left out, as JSON."""
+        return json.dumps(self.daemon.agents.describe())
+
+    # -- scheduled runs ----------------------------------------------------------------------------
+    @method()
+    async def Schedule(self, agent: "s", goal: "s", trigger: "a{sv}", options: "a{sv}") -> "s":
+        """Run `agent` on `goal` whenever `trigger` fires (cron (s) | interval (u, seconds) | date (s,
+        ISO 8601), optional timezone (s)), at background priority, also across daemon restarts. The job
+        belongs to the caller's app. Options: as Run's, without handle_token and approver. Returns the
+        job id; each run's result is kept (GetJobResults) and sent as JobFinished to the app."""
+        caller = await self.daemon.caller(current_sender())
+        try:
+            return self.daemon.scheduled.schedule(caller, agent, goal, trigger, options)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+
+    @method()
+    async def ListJobs(self) -> "s":
+        """The caller's app's scheduled jobs, as JSON."""
+        caller = await self.daemon.caller(current_sender())
+        return json.dumps(self.daemon.scheduled.list(caller))
+
+    @method()
+    async def GetJobResults(self, job_id: "s") -> "s":
+        """The kept results of one of the caller's app's jobs (oldest first), as JSON."""
+        caller = await self.daemon.caller(current_sender())
+        try:
+            return json.dumps(self.daemon.scheduled.results(caller, job_id))
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+
+    @method()
+    async def CancelJob(self, job_id: "s") -> None:
+        """Remove one of the caller's app's jobs and its results."""
+        caller = await self.daemon.caller(current_sender())
+        try:
+            self.daemon.scheduled.cancel(caller, job_id)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+
+    # Declared for introspection only: sent as unicast messages to the job's app, never broadcast.
+    @signal()
+    def JobFinished(self) -> "sus":
+        return ["", 0, ""]
+
+
+def _token_ok(token: str) -> bool:
+    return 0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c == "_") for c in token)

@@ -26,7 +26,7 @@ from llmos.errors import InvalidSamplingError, LlmosError
 from llmos.graph_builder import PRECISIONS
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
-from system_services import cli_service, cli_top
+from system_services import cli_agents, cli_service, cli_top
 from system_services.cli_service import human_size
 from system_services.client import ServiceError
 from system_services.progress import ImportProgress
@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--once", action="store_true", help="print one frame and exit")
     tp.add_argument("--json", action="store_true", help="the raw status as JSON (one line a frame)")
     tp.set_defaults(func=cli_top.cmd_top, usage=tp.format_usage)
+
+    cli_agents.add_commands(sub)  # agents, tools, run, schedule, jobs
 
     model = sub.add_parser("model", help="import and list models")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from llmos.arbiter.policy import AppPolicy, ArbiterConfig, PolicyTable
 from llmos.errors import LlmosError
+from system_services.system_tools import SYSTEM_TOOL_NAMES
 
 DEFAULT_CONFIG = Path("/etc/llmos/llmosd.toml")
 
@@ -53,18 +54,38 @@ class LimitsConfig(BaseModel):
         return self
 
 
+class JobsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_per_app: int = Field(32, ge=1)  # scheduled jobs one app (per user) may have
+    min_interval_s: int = Field(60, ge=1)  # the shortest interval trigger
+    results_kept: int = Field(20, ge=1)  # results of the last runs kept per job
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
+    jobs: JobsConfig = JobsConfig()  # scheduled agent runs
     # per-app policy: [apps.default] for everyone, [apps."org.example.App"] for one app id
     apps: dict[str, AppPolicy] = {}
     # None = $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/llmos with --system, else
     # $XDG_STATE_HOME/llmos (~/.local/state/llmos)
     state_dir: Path | None = None
     watchdog_interval_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_system_tools(self) -> DaemonConfig:
+        for app, policy in self.apps.items():
+            unknown = sorted(set(policy.system_tools or ()) - set(SYSTEM_TOOL_NAMES))
+            if unknown:
+                raise ValueError(
+                    f"apps.{app}.system_tools: no system tool {', '.join(unknown)} "
+                    f"(there are {', '.join(SYSTEM_TOOL_NAMES)})"
+                )
+        return self
 
     @property
     def policies(self) -> PolicyTable:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from dbus_fast import BusType, DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
-from agents.tools import ToolRegistry
+from agents.catalog import AgentCatalog
+from agents.tools import Tool, ToolRegistry
 from llmos.arbiter.arbiter import Arbiter
 from llmos.arbiter.policy import AppPolicy, Priority
 from llmos.arbiter.pressure import PressureMonitor
@@ -48,8 +50,10 @@ from system_services.notify import sd_notify, watchdog_interval
 from system_services.options import RequestOptions
 from system_services.ownership import Ownership
 from system_services.private_bus import PrivateObjectsBus
+from system_services.scheduled_agents import ScheduledAgents
 from system_services.send_guard import guard_send_buffer
 from system_services.session_object import SessionObject
+from system_services.system_tools import SYSTEM_TOOL_NAMES, SystemTools
 
 BUS_NAME = "org.llmos.LLM1"
 log = logging.getLogger("llmosd")
@@ -97,6 +101,9 @@ class Daemon:
         self.ownership = Ownership()
         self.sessions: dict[str, SessionObject] = {}
         self.tools = ToolRegistry()  # tools apps provide, by provider connection
+        self.system_tools = SystemTools(bus, on_system_bus=on_system_bus)  # time, battery, notifications
+        self.agents = AgentCatalog.discover()  # built-in agents and plugins
+        self.scheduled: ScheduledAgents | None = None  # set once the state directory is known
         self.stopping = False
         self._callers: dict[str, Caller] = {}  # unique name -> identity, while it is on the bus
         self._started = time.monotonic()
@@ -124,6 +131,24 @@ class Daemon:
 
     def policy(self, app_id: str) -> AppPolicy:
         return self.config.policies.for_app(app_id)
+
+    def connections_of(self, uid: int | None, app_id: str) -> list[Caller]:
+        """The app's connections on the bus that have called the daemon (an app id is per user)."""
+        return [c for c in self._callers.values() if c.uid == uid and c.app_id == app_id]
+
+    def allowed_system_tools(self, app_id: str) -> list[str]:
+        allowed = self.policy(app_id).system_tools
+        return list(SYSTEM_TOOL_NAMES if allowed is None else allowed)
+
+    async def usable_tools(
+        self, runners: set[str], app_id: str, system: list[str] | None = None
+    ) -> list[Tool]:
+        """What a run may call: the runners' own tools, other apps' shared ones, then the system tools
+        its app's policy allows (narrowed to `system` if given) that are available now."""
+        tools = self.tools.usable_by(runners)
+        names = {t.spec.name for t in tools}
+        wanted = [n for n in self.allowed_system_tools(app_id) if system is None or n in system]
+        return tools + [t for t in await self.system_tools.usable(wanted) if t.spec.name not in names]
 
     def priority(self, app_id: str, requested: str) -> Priority:
         """The class a request runs at: what it asks for, capped by its app's policy."""
@@ -278,6 +303,14 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     )
     bus.export(PATH, LLMObject(daemon))
     bus.export(AGENT_PATH, AgentObject(daemon))
+    state = config.state_dir or state_dir(system=bool(args.system))
+    try:
+        daemon.scheduled = ScheduledAgents(daemon, state / "jobs" / "jobs.sqlite")
+    except (OSError, sqlite3.Error) as e:
+        log.error("cannot open the scheduled jobs in %s: %s", state / "jobs" / "jobs.sqlite", e)
+        daemon.worker.stop()
+        bus.disconnect()
+        return 1
     daemon.watch_owners()
     await bus.call(
         Message(
@@ -312,6 +345,7 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
         arbiter.device,
         BUS_NAME,
     )
+    daemon.scheduled.start()  # after the name: a job that came due while the daemon was down runs now
     sd_notify("READY=1")
 
     stop = asyncio.Event()
@@ -326,11 +360,13 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     sd_notify("STOPPING=1")
     daemon.stopping = True
     jobs.shutdown(wait=False)
+    daemon.scheduled.shutdown()
     await asyncio.to_thread(daemon.worker.stop)
     if daemon.arbiter.kv.swap is not None:  # conversations end with the daemon: so does their KV
         shutil.rmtree(daemon.arbiter.kv.swap.root, ignore_errors=True)
     await asyncio.sleep(0.2)  # let the Cancelled replies and Response signals go out
     pinger.cancel()
+    await daemon.system_tools.close()
     bus.disconnect()
     return 0
 

@@ -13,6 +13,7 @@ from dbus_fast import Variant
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from agents.catalog import AgentCatalog
 from llmos.errors import LlmosError
 from llmos.model_store import ModelStore
 from system_services.authority import ACTION_CONFIG_RELOAD, ACTION_MODEL_IMPORT, authorize
@@ -159,6 +160,7 @@ class LLMObject(ServiceInterface):
         self.daemon.config = fresh.model_copy(
             update={"engine": old.engine, "arbiter": old.arbiter, "state_dir": old.state_dir}
         )
+        self.daemon.agents = AgentCatalog.discover()  # plugins installed since start appear now
         log.info(
             "configuration reloaded by %s (uid %s)%s",
             caller.app_id,

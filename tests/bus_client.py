@@ -6,6 +6,7 @@ Run as its own process (never imported by pytest), so every test client is a rea
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -462,7 +463,63 @@ async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None
     say({"runs": out})
 
 
+AGENT = ("/org/llmos/Agent1", "org.llmos.Agent1")
+
+
+async def list_agents(bus: MessageBus) -> None:
+    (listed,) = await call(bus, *AGENT, "ListAgents", "", [])
+    say(json.loads(listed))
+
+
+async def schedule(bus: MessageBus, agent: str, goal: str, trigger: str, opts: str = "{}") -> None:
+    """Schedule(agent, goal, trigger, options); the trigger's "interval" is u, the rest s."""
+    trig = {k: Variant("u" if k == "interval" else "s", v) for k, v in json.loads(trigger).items()}
+    body = [agent, goal, trig, variants(json.loads(opts))]
+    (job,) = await call(bus, *AGENT, "Schedule", "ssa{sv}a{sv}", body)
+    say({"job": job})
+
+
+async def jobs(bus: MessageBus) -> None:
+    (listed,) = await call(bus, *AGENT, "ListJobs", "", [])
+    say({"jobs": json.loads(listed)})
+
+
+async def job_results(bus: MessageBus, job: str) -> None:
+    (results,) = await call(bus, *AGENT, "GetJobResults", "s", [job])
+    say({"results": json.loads(results)})
+
+
+async def cancel_job(bus: MessageBus, job: str) -> None:
+    await call(bus, *AGENT, "CancelJob", "s", [job])
+    say({"cancelled": job})
+
+
+async def wait_job(bus: MessageBus, job: str, count: str, seconds: str) -> None:
+    """Make itself known (ListJobs), say ready, then collect `count` JobFinished signals for `job`."""
+    got: list[Any] = []
+    enough = asyncio.Event()
+
+    def on_signal(m: Message) -> None:
+        if m.message_type == MessageType.SIGNAL and m.member == "JobFinished" and m.body[0] == job:
+            got.append({"code": m.body[1], "result": json.loads(m.body[2]), "destination": m.destination})
+            if len(got) >= int(count):
+                enough.set()
+
+    bus.add_message_handler(on_signal)
+    (listed,) = await call(bus, *AGENT, "ListJobs", "", [])
+    say({"ready": True, "jobs": json.loads(listed)})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(enough.wait(), float(seconds))
+    say({"finished": got})
+
+
 COMMANDS = {
+    "list-agents": list_agents,
+    "schedule": schedule,
+    "jobs": jobs,
+    "job-results": job_results,
+    "cancel-job": cancel_job,
+    "wait-job": wait_job,
     "agent-eval": agent_eval,
     "provide": provide,
     "list-tools": list_tools,

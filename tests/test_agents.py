@@ -52,13 +52,13 @@ def test_an_apps_tools_are_its_own_unless_shared() -> None:
     reg.register(
         ":1.1", "org.example.Weather", "/tools", ToolManifest.parse(json.dumps({"tools": [WEATHER, CLOCK]}))
     )
-    assert {t.spec.name for t in reg.usable_by(":1.1")} == {"get_weather", "get_time"}
-    assert [t.spec.name for t in reg.usable_by(":1.2")] == ["get_time"]  # only the shared one
+    assert {t.spec.name for t in reg.usable_by({":1.1"})} == {"get_weather", "get_time"}
+    assert [t.spec.name for t in reg.usable_by({":1.2"})] == ["get_time"]  # only the shared one
     mine = {**CLOCK, "shared": False, "description": "my own clock"}
     reg.register(":1.2", "org.example.Other", "/t", ToolManifest.parse(json.dumps({"tools": [mine]})))
-    (clock,) = reg.usable_by(":1.2")
+    (clock,) = reg.usable_by({":1.2"})
     assert clock.owner == ":1.2"  # its own tool of that name wins over another app's shared one
-    assert reg.unregister(":1.1") == 2 and [t.owner for t in reg.usable_by(":1.3")] == []
+    assert reg.unregister(":1.1") == 2 and [t.owner for t in reg.usable_by({":1.3"})] == []
 
 
 def test_each_step_may_only_name_real_tools_with_valid_arguments() -> None:
@@ -136,14 +136,16 @@ def test_another_app_gets_only_shared_tools_and_they_go_with_their_provider(
     try:
         assert read_json(provider)["registered"] == ["get_weather", "get_time"]
         other = run(bus, tmp_path, register=False, goal="What is the weather in Oslo?", options=GREEDY)
-        assert [t["name"] for t in other["listed"]] == ["get_time"] and not other["listed"][0]["own"]
+        apps_tools = [t for t in other["listed"] if not t.get("system")]
+        assert [t["name"] for t in apps_tools] == ["get_time"] and not apps_tools[0]["own"]
         assert all(s.get("tool") in (None, "get_time") for s in other["steps"]), other["steps"]
         assert provider.stdin is not None
         provider.stdin.close()
         calls = read_json(provider)["calls"]
         assert calls and all(c["tool"] == "get_time" for c in calls)  # get_weather was never reachable
         provider.wait(10)
-        assert client(bus.address, "list-tools")["tools"] == []  # the provider left: its tools went too
+        left = client(bus.address, "list-tools")["tools"]
+        assert [t for t in left if not t.get("system")] == []  # the provider left: its tools went too
     finally:
         provider.kill()  # a failed assertion must not leave it registered for the next test
 

@@ -16,6 +16,7 @@ and has logged no traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import time
@@ -50,6 +51,7 @@ PROPS, INTRO, PEER, OBJMGR = (
     "org.freedesktop.DBus.Peer",
     "org.freedesktop.DBus.ObjectManager",
 )
+AGENT_PATH, AGENT, TASK = "/org/llmos/Agent1", "org.llmos.Agent1", "org.llmos.Task1"
 CONTEXT = 512
 MIN_CALLS = 2000
 CALL_TIMEOUT_S = 20.0  # one reply; the slowest real call (a 1 MiB CountTokens) takes well under 1 s
@@ -103,6 +105,15 @@ METHODS: dict[str, tuple[str, str, str]] = {  # member -> (interface, in signatu
     "Close": (SESSION, "", ""),
     "Clone": (SESSION, "", "o"),
     "Cancel": (REQUEST, "", ""),
+    "RegisterToolProvider": (AGENT, "os", "as"),
+    "UnregisterToolProvider": (AGENT, "o", "u"),
+    "ListTools": (AGENT, "", "s"),
+    "ListAgents": (AGENT, "", "s"),
+    "Run": (AGENT, "sa{sv}", "o"),
+    "Schedule": (AGENT, "ssa{sv}a{sv}", "s"),
+    "ListJobs": (AGENT, "", "s"),
+    "GetJobResults": (AGENT, "s", "s"),
+    "CancelJob": (AGENT, "s", ""),
     # admin methods: the test runs as root, so they are allowed; only harmless arguments are sent
     "ReloadConfig": (LLM, "", "a{sv}"),
     "ImportModel": (LLM, "sa{sv}", "s"),
@@ -122,6 +133,9 @@ CONFIG = f"""
 max_batch = 4            # few KV slots, so concurrent calls meet Busy
 [limits]
 sessions_per_connection = {SESSIONS_PER_CONNECTION}   # so CreateSession/Clone meet QuotaExceeded
+[jobs]
+min_interval_s = 86400   # no scheduled job the fuzz makes comes due while it runs
+max_per_app = 4          # so Schedule meets QuotaExceeded
 """
 
 
@@ -144,8 +158,9 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
 
 @pytest.fixture(scope="module")
 def daemon(bus: PrivateBus, store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    config = tmp_path_factory.mktemp("fuzzconf") / "llmosd.toml"
-    config.write_text(CONFIG)
+    conf_dir = tmp_path_factory.mktemp("fuzzconf")
+    config = conf_dir / "llmosd.toml"
+    config.write_text(f'state_dir = "{conf_dir / "state"}"\n' + CONFIG)  # scheduled jobs: not the user's
     d = Daemon(bus.address, store, "--config", str(config))
     yield d
     assert d.stop() == 0
@@ -527,6 +542,115 @@ STANDARD_CALLS = st.one_of(
     _standard(PEER, "GetMachineId", "", st.just(())),
     _standard(OBJMGR, "GetManagedObjects", "", st.just(())),
 )
+# -- strategies: the agent layer ---------------------------------------------------------------------------
+_TOOL = st.fixed_dictionaries(
+    {
+        "name": st.one_of(st.sampled_from(["get_weather", "add_task", "x"]), TEXT),
+        "description": st.one_of(st.just("Does a thing."), TEXT),
+    },
+    optional={
+        "parameters": st.one_of(
+            st.just({"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}}),
+            st.just({"type": "string"}),
+            st.just({"type": "object", "properties": {"n": {"type": "integr"}}}),
+        ),
+        "confirm": st.booleans(),
+        "shared": st.booleans(),
+        "run_as_root": st.just(True),
+    },
+)
+MANIFEST = weighted(
+    (4, st.lists(_TOOL, max_size=3).map(lambda t: json.dumps({"tools": t}))),
+    (1, st.sampled_from(["", "{", "[]", '{"tools": null}', "null", '{"tools": [{}]}'])),
+    (1, st.one_of(TEXT, st.sampled_from(ODD_STRINGS))),
+    (1, st.just(Repeated(" ", 300_000))),
+)
+RUN_GOOD: dict[str, st.SearchStrategy[Variant]] = {
+    "agent": st.sampled_from(["assistant", "assistant", "summarizer", "nope", ""]).map(
+        lambda a: Variant("s", a)
+    ),
+    "max_steps": st.integers(0, 20).map(lambda n: Variant("u", n)),
+    "tool_choice": st.sampled_from(["auto", "required", "none", "always"]).map(lambda c: Variant("s", c)),
+    "system_tools": st.lists(
+        st.sampled_from(["current_time", "battery_status", "send_notification", "format_disk"]), max_size=3
+    ).map(lambda t: Variant("as", t)),
+    "constrained": st.booleans().map(lambda b: Variant("b", b)),
+    "approver": OBJECT_PATH.map(lambda p: Variant("o", p)),
+    "max_tokens": st.integers(1, 24).map(lambda n: Variant("u", n)),
+    "temperature": GOOD_VALUE["temperature"],
+    "handle_token": GOOD_VALUE["handle_token"],
+    "priority": GOOD_VALUE["priority"],
+}
+RUN_OPTIONS = weighted(
+    (
+        5,
+        st.fixed_dictionaries(
+            {"max_tokens": RUN_GOOD["max_tokens"]},
+            optional={k: v for k, v in RUN_GOOD.items() if k != "max_tokens"},
+        ),
+    ),
+    (1, st.dictionaries(st.one_of(st.sampled_from(sorted(RUN_GOOD)), TEXT), variant(1), max_size=4)),
+)
+TRIGGER = st.dictionaries(
+    st.sampled_from(["cron", "interval", "date", "timezone", "every"]),
+    st.one_of(
+        st.sampled_from(["0 3 1 1 *", "61 * * * *", "* * *", "0 8 * * mon-fri", ""]).map(
+            lambda c: Variant("s", c)
+        ),
+        st.sampled_from([0, 59, 86_400, 2**32 - 1]).map(lambda n: Variant("u", n)),
+        st.sampled_from(
+            ["2001-01-01T00:00:00+00:00", "2999-01-01T00:00:00", "2999-01-01T00:00:00+14:00", "tomorrow"]
+        ).map(lambda d: Variant("s", d)),
+        st.sampled_from(["Europe/Oslo", "Mars/Olympus", "../../etc/passwd", "UTC"]).map(
+            lambda z: Variant("s", z)
+        ),
+        variant(1),
+    ),
+    max_size=3,
+)
+JOB_ID = st.one_of(st.sampled_from(["j000000000000", "", "../jobs", "%"]), TEXT)
+AGENT_TARGET = st.just(Target("path", path=AGENT_PATH))
+TASK_TARGET = st.one_of(
+    st.from_regex(r"[A-Za-z0-9_]{1,12}", fullmatch=True).map(
+        lambda t: Target("path", path=f"{AGENT_PATH}/task/x/{t}")
+    ),
+    st.just(Target("path", path=AGENT_PATH + "/task")),
+)
+AGENT_CALLS = weighted(
+    (3, _method(AGENT_TARGET, "RegisterToolProvider", st.tuples(OBJECT_PATH, MANIFEST))),
+    (1, _method(AGENT_TARGET, "UnregisterToolProvider", st.tuples(OBJECT_PATH))),
+    (1, _method(AGENT_TARGET, "ListTools", st.just([]))),
+    (1, _method(AGENT_TARGET, "ListAgents", st.just([]))),
+    (4, _method(AGENT_TARGET, "Run", st.tuples(PROMPT_TEXT, RUN_OPTIONS))),
+    (
+        2,
+        _method(
+            AGENT_TARGET,
+            "Schedule",
+            st.tuples(
+                st.sampled_from(["summarizer", "assistant", "nope", ""]), PROMPT_TEXT, TRIGGER, RUN_OPTIONS
+            ),
+        ),
+    ),
+    (1, _method(AGENT_TARGET, "ListJobs", st.just([]))),
+    (1, _method(AGENT_TARGET, "GetJobResults", st.tuples(JOB_ID))),
+    (1, _method(AGENT_TARGET, "CancelJob", st.tuples(JOB_ID))),
+    (1, _malformed(AGENT_TARGET, ["RegisterToolProvider", "Run", "Schedule", "GetJobResults", "CancelJob"])),
+    (
+        1,
+        st.builds(
+            Call,
+            by=WHO,
+            target=TASK_TARGET,
+            interface=st.just(TASK),
+            member=st.just("Cancel"),
+            signature=st.just(""),
+            body=st.just(()),
+        ),
+    ),
+)
+
+
 CALL = weighted(
     (3, _method(LLM_TARGET, "Generate", st.tuples(PROMPT_TEXT, options(GENERATE_KEYS)))),
     (2, _method(LLM_TARGET, "CountTokens", st.tuples(COUNT_TEXT))),
@@ -544,6 +668,7 @@ CALL = weighted(
     (3, STANDARD_CALLS),
     (1, _method(LLM_TARGET, "ReloadConfig", st.just([]))),
     (1, _method(LLM_TARGET, "ImportModel", st.tuples(IMPORT_PATH, IMPORT_OPTIONS))),
+    (6, AGENT_CALLS),
 )
 NEW_SESSION = st.builds(
     Call,

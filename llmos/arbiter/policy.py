@@ -43,6 +43,8 @@ class AppPolicy(BaseModel):
     tokens_per_minute: int = Field(0, ge=0)  # prompt tokens computed + tokens generated; 0 = no limit
     max_context: int = Field(0, ge=0)  # tokens one sequence may hold; 0 = the model's context
     max_queued: int = Field(32, ge=1)  # requests waiting for the model; more is QuotaExceeded
+    # the daemon's built-in tools (time, battery, notifications) this app's agent runs may use; None = all
+    system_tools: list[str] | None = None
 
     @field_validator("max_priority")
     @classmethod

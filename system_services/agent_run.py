@@ -1,0 +1,214 @@
+"""One run of an agent inside the daemon: the agent's steps with the model and the tools wired in.
+
+Shared by the two ways a run starts: a caller's `Run` (task_object.py, which sends the steps to the
+caller) and a scheduled job (job_scheduler.py, which keeps them). Generations go through the arbiter at
+the run's priority and are cancelled with the run; tool calls go to the providing app (bounded by a
+timeout) or to the built-in system tools; a `confirm` tool runs only after the approver says yes.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+
+from agents.agent_loop import InvalidStepError, Step
+from agents.plugin import AgentContext, AgentPlugin
+from agents.tools import Tool, argument_problems
+from llmos.engine.sampling import SamplingParams
+from system_services.dbus_errors import error, to_dbus_error
+from system_services.engine_worker import CancelledByDaemon, Job
+from system_services.options import RequestOptions, parse_options
+from system_services.system_tools import SYSTEM_OWNER, SYSTEM_TOOL_NAMES
+
+TOOL_TIMEOUT_S = 20.0
+APPROVE_TIMEOUT_S = 120.0
+RESULT_OK, RESULT_CANCELLED, RESULT_FAILED = 0, 1, 2
+MAX_STEPS = 16
+RUN_KEYS = {"max_steps": "u", "tool_choice": "s", "approver": "o", "constrained": "b", "system_tools": "as"}
+SAMPLING_KEYS = frozenset({"temperature", "top_k", "top_p", "seed", "max_tokens", "priority"})
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended: code 0 with the answer, 1 cancelled, 2 failed with a named error."""
+
+    code: int
+    steps: int = 0
+    answer: str | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+
+    @classmethod
+    def failed(cls, steps: int, name: str, message: str, code: int = RESULT_FAILED) -> "RunOutcome":
+        return cls(code, steps, error_name=name, error_message=message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def variants(self) -> dict[str, Variant]:
+        """The Result signal's a{sv} (without the code, which goes first)."""
+        types = {"steps": "u", "answer": "s", "error_name": "s", "error_message": "s"}
+        return {k: Variant(types[k], v) for k, v in self.to_dict().items() if k != "code"}
+
+
+@dataclass
+class RunSettings:
+    request: RequestOptions  # sampling, max_tokens and priority of every generation
+    max_steps: int = 6
+    tool_choice: str = "auto"
+    approver: str | None = None  # org.llmos.ToolApprover1 object on `owner`'s connection
+    constrained: bool = True  # False only to measure what constrained decoding buys (bench/agents.py)
+    system_tools: list[str] | None = None  # the built-in tools offered; None: all the policy allows
+
+
+def parse_run_options(options: dict[str, Variant], limits: Any, *, scheduled: bool = False) -> RunSettings:
+    """A run's a{sv} options (without handle_token), checked: InvalidArgument names what is wrong.
+    A scheduled run has no caller on the bus to approve anything, so no approver."""
+    options = dict(options)
+    own = {k: options.pop(k) for k in list(options) if k in RUN_KEYS}
+    if scheduled and "approver" in own:
+        raise error("InvalidArgument", "a scheduled run has no approver: its confirm tools are refused")
+    for key, var in own.items():
+        if var.signature != RUN_KEYS[key]:
+            raise error("InvalidArgument", f"option {key!r} must be of D-Bus type {RUN_KEYS[key]!r}")
+    request = parse_options(
+        options,
+        default_max_tokens=limits.default_max_tokens,
+        max_tokens_limit=limits.max_tokens,
+        allowed=SAMPLING_KEYS,
+    )
+    settings = RunSettings(request, **{k: v.value for k, v in own.items()})
+    if not 1 <= settings.max_steps <= MAX_STEPS:
+        raise error("InvalidArgument", f"max_steps must be 1 to {MAX_STEPS}")
+    if settings.tool_choice not in ("auto", "required", "none"):
+        raise error("InvalidArgument", "tool_choice must be auto, required or none")
+    unknown = sorted(set(settings.system_tools or ()) - set(SYSTEM_TOOL_NAMES))
+    if unknown:
+        raise error(
+            "InvalidArgument",
+            f"no system tool {', '.join(unknown)} (there are {', '.join(SYSTEM_TOOL_NAMES)})",
+        )
+    return settings
+
+
+class AgentRun:
+    def __init__(
+        self,
+        daemon: Any,
+        agent: AgentPlugin,
+        goal: str,
+        tools: list[Tool],
+        settings: RunSettings,
+        *,
+        app_id: str,
+        owner: str | None,  # the connection that started it; None for a scheduled run
+    ) -> None:
+        self.daemon, self.agent, self.goal, self.tools = daemon, agent, goal, tools
+        self.settings, self.app_id, self.owner = settings, app_id, owner
+        self._job: Job | None = None  # the generation in flight, cancelled with the run
+
+    def steps(self) -> AsyncIterator[Step]:
+        s = self.settings
+        ctx = AgentContext(
+            input=self.goal,
+            tools=self.tools,
+            generate=self._generate,
+            call_tool=self._call_tool,
+            count_tokens=lambda text: len(self.daemon.model.tokenizer.encode(text, parse_special=False)),
+            context_length=self.daemon.model.context_length,
+            max_steps=s.max_steps,
+            max_step_tokens=s.request.params.max_tokens,
+            tool_choice=s.tool_choice,
+            constrained=s.constrained,
+        )
+        return self.agent.steps(ctx)
+
+    async def execute(self, on_step: Callable[[Step], None]) -> RunOutcome:
+        """Run to the end, handing each step to `on_step`; every way of ending is an outcome."""
+        steps = 0
+        try:
+            async for step in self.steps():
+                steps += 1
+                on_step(step)
+                if step.answer is not None:
+                    return RunOutcome(RESULT_OK, steps, answer=step.answer)
+            return RunOutcome.failed(steps, "org.llmos.Error.Failed", "the run ended without an answer")
+        except InvalidStepError as e:
+            return RunOutcome.failed(steps, "org.llmos.Error.InvalidToolCall", str(e))
+        except (asyncio.CancelledError, CancelledByDaemon) as e:
+            why = str(e) or "cancelled"
+            return RunOutcome.failed(steps, "org.llmos.Error.Cancelled", why, RESULT_CANCELLED)
+        except Exception as e:  # the agent's own step logic included: named, logged, never a traceback out
+            err = to_dbus_error(e)
+            return RunOutcome.failed(steps, err.type, err.text)
+
+    def cancel_generation(self, why: str) -> None:
+        if self._job is not None:
+            self.daemon.worker.cancel(self._job, why)
+
+    async def _generate(self, messages: list[dict[str, str]], schema: str | None, **sampling: Any) -> str:
+        """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
+        tokens than the caller gave each step."""
+        d = self.daemon
+        request = self.settings.request
+        if sampling:
+            merged = {**request.params.model_dump(), **sampling}
+            merged["max_tokens"] = min(merged["max_tokens"], request.params.max_tokens)
+            request = replace(request, params=SamplingParams.of(**merged))
+        job = d.job(messages, replace(request, json_schema=schema), self.app_id)
+        self._job = job
+        try:
+            if self.owner is None:
+                result = await d.worker.submit(job)
+            else:  # its caller leaving the bus cancels it
+                result = await d.run_for_caller(job, self.owner)
+        finally:
+            self._job = None
+        return result.text
+
+    async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:
+        """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,
+        never the end of the run."""
+        if problems := argument_problems(tool.spec.parameters, arguments):  # never sent to the app
+            return {"error": f"invalid arguments for {tool.spec.name}: {'; '.join(problems)}"}
+        if tool.spec.confirm and not await self._approved(tool, arguments):
+            return {"error": "the user did not approve this call"}
+        if tool.owner == SYSTEM_OWNER:
+            return await self.daemon.system_tools.call(tool.spec.name, arguments, app_id=self.app_id)
+        call = ("org.llmos.ToolProvider1", "Call", [tool.spec.name, json.dumps(arguments)])
+        try:
+            reply = await self._call_app(tool.owner, tool.path, *call, TOOL_TIMEOUT_S)
+        except TimeoutError:
+            return {"error": f"the tool did not answer within {TOOL_TIMEOUT_S:.0f} s"}
+        if reply is None or reply.message_type == MessageType.ERROR:
+            why = reply.body[0] if reply is not None and reply.body else ""
+            name = reply.error_name if reply is not None else "no reply"
+            return {"error": f"{name}: {why}".rstrip(": ")}
+        text = reply.body[0] if reply.body else ""
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, TypeError):
+            return {"result": str(text)}  # not JSON: passed on as a string, marked as such
+
+    async def _approved(self, tool: Tool, arguments: dict[str, Any]) -> bool:
+        approver = self.settings.approver
+        if not approver or self.owner is None:  # nobody to ask (a scheduled run): refused
+            return False
+        call = ("org.llmos.ToolApprover1", "Approve", [tool.spec.name, json.dumps(arguments)])
+        try:
+            reply = await self._call_app(self.owner, approver, *call, APPROVE_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return bool(
+            reply is not None and reply.message_type == MessageType.METHOD_RETURN and reply.body == [True]
+        )
+
+    async def _call_app(
+        self, dest: str, path: str, iface: str, member: str, body: list[str], timeout: float
+    ) -> Message | None:
+        """A method call into an app (`ss` arguments), bounded: dbus-fast has no call timeout."""
+        msg = Message(destination=dest, path=path, interface=iface, member=member, signature="ss", body=body)
+        return await asyncio.wait_for(self.daemon.bus.call(msg), timeout)
