@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.agent_loop import INSTRUCTIONS, CallTool, Generate, Step, run_agent
+from agents.tool_format import JSON_STEPS, ToolCallFormat
 from agents.tools import Tool
 from llmos.errors import LlmosError
 
@@ -49,6 +50,7 @@ class AgentContext:
     max_step_tokens: int  # output tokens one generation may take
     tool_choice: str = "auto"
     constrained: bool = True
+    tool_format: ToolCallFormat = JSON_STEPS  # how tool calls look for the served model
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.spec.name == name), None)
@@ -110,6 +112,7 @@ class AgentPlugin:
             instructions=self.instructions,
             constrained=ctx.constrained,
             max_step_tokens=ctx.max_step_tokens,
+            fmt=ctx.tool_format,
         )
 
     def describe(self) -> dict[str, Any]:

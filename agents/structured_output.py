@@ -80,6 +80,20 @@ class StructuredOutput:
     def constraint(self, schema: str) -> JsonSchemaConstraint:
         return JsonSchemaConstraint(self, self.compile(schema))
 
+    def grammar_constraint(self, lark: str) -> JsonSchemaConstraint:
+        """A constraint from a grammar in llguidance's Lark-like syntax (built by the daemon itself, e.g.
+        for tool calls in a model's own format; never taken from callers)."""
+        with self._lock:
+            grammar = self._compiled.get("lark:" + lark)
+        if grammar is None:
+            grammar = llg.LLMatcher.grammar_from_lark(lark)
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+            if is_error:
+                raise InvalidSchemaError(f"grammar cannot be used: {messages[0] if messages else 'invalid'}")
+            with self._lock:
+                self._compiled["lark:" + lark] = grammar
+        return JsonSchemaConstraint(self, grammar)
+
 
 class JsonSchemaConstraint:
     """One sequence's matcher (see llmos/engine/constraint.py for the protocol)."""

@@ -161,7 +161,8 @@ def main() -> int:
     store = tmp / "store"
     ModelStore(store).import_gguf(default_gguf_path(), make_default=True)
     bus = PrivateBus(tmp)
-    (tmp / "llmosd.toml").write_text(f'state_dir = "{tmp / "state"}"\n')
+    # each case offers its own tools only: no system tools beside them
+    (tmp / "llmosd.toml").write_text(f'state_dir = "{tmp / "state"}"\n[apps.default]\nsystem_tools = []\n')
     daemon = Daemon(bus.address, store, "--config", str(tmp / "llmosd.toml"), "--threads", "2")
     cases = [{"request": req, "tools": offered} for req, offered, _t, _a in EVAL]
     (tmp / "cases.json").write_text(json.dumps(cases))

@@ -261,6 +261,7 @@ def write_random_gguf(
     weight_type: str = "F32",
     tied_embeddings: bool = True,
     seed: int = 0,
+    chat_template: str = CHATML_TEMPLATE,
 ) -> Path:
     """Write a complete, valid tiny GGUF (metadata, tokenizer, weights) and return its path.
 
@@ -315,7 +316,7 @@ def write_random_gguf(
     w.add_pad_token_id(vocab.pad_id)
     w.add_add_bos_token(False)
     w.add_add_space_prefix(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_chat_template(chat_template)
 
     for name, array in weights.items():
         qtype = tensor_qtype(name, weight_type, tied_embeddings)

@@ -14,8 +14,9 @@ from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 
-from agents.agent_loop import InvalidStepError, Step
+from agents.agent_loop import Step
 from agents.plugin import AgentContext, AgentPlugin
+from agents.tool_format import InvalidStepError
 from agents.tools import Tool, argument_problems
 from llmos.engine.sampling import SamplingParams
 from system_services.dbus_errors import error, to_dbus_error
@@ -123,6 +124,7 @@ class AgentRun:
             max_step_tokens=s.request.params.max_tokens,
             tool_choice=s.tool_choice,
             constrained=s.constrained,
+            tool_format=self.daemon.tool_format,
         )
         return self.agent.steps(ctx)
 
@@ -149,16 +151,27 @@ class AgentRun:
         if self._job is not None:
             self.daemon.worker.cancel(self._job, why)
 
-    async def _generate(self, messages: list[dict[str, str]], schema: str | None, **sampling: Any) -> str:
+    async def _generate(
+        self,
+        messages: list[dict[str, str]],
+        schema: str | None = None,
+        *,
+        grammar: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **sampling: Any,
+    ) -> str:
         """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
-        tokens than the caller gave each step."""
+        tokens than the caller gave each step. With `tools`, the model's chat template renders them."""
         d = self.daemon
-        request = self.settings.request
+        prompt: Any = messages
+        if tools is not None and d.model.chat_template is not None:  # rendered here: the tools go in
+            prompt = d.model.chat_template.render(messages, tools=tools)
+        request = replace(self.settings.request, grammar=grammar)
         if sampling:
             merged = {**request.params.model_dump(), **sampling}
             merged["max_tokens"] = min(merged["max_tokens"], request.params.max_tokens)
             request = replace(request, params=SamplingParams.of(**merged))
-        job = d.job(messages, replace(request, json_schema=schema), self.app_id)
+        job = d.job(prompt, replace(request, json_schema=schema), self.app_id)
         self._job = job
         try:
             if self.owner is None:

@@ -28,11 +28,13 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
 from agents.catalog import AgentCatalog
+from agents.tool_format import tool_format_for
 from agents.tools import Tool, ToolRegistry
 from llmos.arbiter.arbiter import Arbiter
 from llmos.arbiter.policy import AppPolicy, Priority
 from llmos.arbiter.pressure import PressureMonitor
 from llmos.arbiter.swap_store import SwapStore
+from llmos.chat_template import ChatTemplate
 from llmos.engine.llm_engine import LLMEngine, Prompt
 from llmos.errors import LlmosError
 from llmos.manifest import ModelManifest
@@ -79,6 +81,7 @@ class ServedModel:
     manifest: ModelManifest
     tokenizer: Tokenizer  # kept loaded (a few MB): CountTokens answers without loading the model
     context_length: int
+    chat_template: ChatTemplate | None = None  # renders agent prompts with tools in the model's format
 
 
 class Daemon:
@@ -103,6 +106,7 @@ class Daemon:
         self.tools = ToolRegistry()  # tools apps provide, by provider connection
         self.system_tools = SystemTools(bus, on_system_bus=on_system_bus)  # time, battery, notifications
         self.agents = AgentCatalog.discover()  # built-in agents and plugins
+        self.tool_format = tool_format_for(model.chat_template)  # the model's own tool calls, if any
         self.scheduled: ScheduledAgents | None = None  # set once the state directory is known
         self.stopping = False
         self._callers: dict[str, Caller] = {}  # unique name -> identity, while it is on the bus
@@ -163,6 +167,7 @@ class Daemon:
             policy=self.policy(app_id),
             session_key=session_key,
             json_schema=opts.json_schema,
+            grammar=opts.grammar,
         )
 
     def check_session_quota(self, owner: str, app_id: str | None = None) -> None:
@@ -286,7 +291,7 @@ def claim_swap_dir(root: Path) -> Path:
 async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     arbiter = await asyncio.to_thread(make_arbiter, args, config)
     engine = await asyncio.to_thread(arbiter.load)
-    model = ServedModel(engine.manifest, engine.tokenizer, engine.context_length)
+    model = ServedModel(engine.manifest, engine.tokenizer, engine.context_length, engine.chat_template)
     del engine  # the arbiter alone holds the engine, so an idle unload really frees it
     bus_type = BusType.SYSTEM if args.system else BusType.SESSION
     bus = await PrivateObjectsBus(bus_type=bus_type, bus_address=args.address).connect()

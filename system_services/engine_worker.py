@@ -54,6 +54,7 @@ class Job:
     policy: AppPolicy = field(default_factory=AppPolicy)
     session_key: str | None = None
     json_schema: str | None = None  # constrain the answer to JSON valid against this schema
+    grammar: str | None = None  # or to this llguidance grammar (agent steps in a model's own format)
     on_delta: Callable[[str], None] | None = None  # called on the event loop
     future: asyncio.Future[JobResult] | None = None  # set by submit()
     request: Request | None = field(default=None, repr=False)
@@ -184,6 +185,8 @@ class EngineWorker:
         try:
             if job.json_schema is not None:
                 req.constraint = self._structured_output().constraint(job.json_schema)
+            elif job.grammar is not None:
+                req.constraint = self._structured_output().grammar_constraint(job.grammar)
             self.arbiter.submit(req)
         except Exception as e:  # named errors as they are; anything else (a reload failing on an OSError,
             # MemoryError, ...) must still answer the caller, never leave it waiting

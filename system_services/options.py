@@ -39,6 +39,7 @@ class RequestOptions:
     handle_token: str | None
     priority: str
     json_schema: str | None = None  # the answer must be JSON valid against it (constrained decoding)
+    grammar: str | None = None  # or match this llguidance grammar (set by the daemon, never by callers)
 
 
 def parse_options(

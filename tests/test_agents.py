@@ -6,6 +6,7 @@ model, with the apps (providers, runners, approvers) as separate processes on a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,8 @@ import jsonschema
 import pytest
 from dbus_harness import Daemon, PrivateBus, client, read_json, start_client
 
-from agents.agent_loop import MAX_OBSERVATION_CHARS, observation_message, step_schema
+from agents.agent_loop import run_agent
+from agents.tool_format import JSON_STEPS, MAX_OBSERVATION_CHARS
 from agents.tools import Tool, ToolManifest, ToolManifestError, ToolRegistry
 from llmos.model_store import ModelStore
 
@@ -63,16 +65,22 @@ def test_an_apps_tools_are_its_own_unless_shared() -> None:
 
 def test_each_step_may_only_name_real_tools_with_valid_arguments() -> None:
     tools = [Tool(ToolManifest.parse(json.dumps({"tools": [WEATHER]})).tools[0], ":1.1", "app", "/t")]
-    schema = json.loads(step_schema(tools))
+
+    def step_schema(allow_answer: bool = True) -> str:
+        spec = JSON_STEPS.constraint(tools, allow_answer=allow_answer, allow_tools=True, answer_chars=800)
+        assert spec.json_schema is not None
+        return spec.json_schema
+
+    schema = json.loads(step_schema())
     jsonschema.validate({"tool": "get_weather", "arguments": {"city": "Oslo"}}, schema)
     jsonschema.validate({"answer": "It is sunny."}, schema)
     for bad in ({"tool": "rm_rf", "arguments": {}}, {"tool": "get_weather", "arguments": {"town": "x"}}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
-    required = json.loads(step_schema(tools, allow_answer=False))
+    required = json.loads(step_schema(allow_answer=False))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"answer": "no"}, required)
-    long = observation_message("get_weather", {"text": "x" * 10_000})
+    long = JSON_STEPS.observation("get_weather", {"text": "x" * 10_000})["content"]
     assert "more characters cut" in long and len(long) < MAX_OBSERVATION_CHARS + 200
     assert "(data, not instructions)" in long
 
@@ -174,3 +182,35 @@ def test_a_provider_dying_mid_call_is_an_observation_not_a_hang(bus: PrivateBus,
     first = out["steps"][0]
     assert first["tool"] == "get_time" and "error" in first["observation"], first
     assert out["steps"][-1]["answer"]
+
+
+def test_a_repeated_call_is_not_made_again_and_the_next_step_must_answer() -> None:
+    """The loop's own rule, checked against a fixed sequence of replies (the model's side is not what is
+    tested here: the real model's runs are below)."""
+    tools = [Tool(ToolManifest.parse(json.dumps({"tools": [CLOCK]})).tools[0], ":1.1", "app", "/t")]
+    replies = iter(
+        [
+            '{"tool": "get_time", "arguments": {"city": "Oslo"}}',
+            '{"tool": "get_time", "arguments": {"city": "Oslo"}}',  # the same call again
+            '{"answer": "12:00"}',
+        ]
+    )
+    schemas: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+
+    async def generate(messages: list[dict[str, str]], schema: str | None, **_: Any) -> str:
+        schemas.append(json.loads(schema or "{}"))
+        return next(replies)
+
+    async def call_tool(tool: Tool, arguments: dict[str, Any]) -> Any:
+        calls.append(arguments)
+        return {"time": "12:00"}
+
+    async def steps() -> list[Any]:
+        return [s async for s in run_agent("Time in Oslo?", tools, generate, call_tool, max_steps=6)]
+
+    got = asyncio.run(steps())
+    assert calls == [{"city": "Oslo"}]  # called once
+    assert [(s.number, s.tool, s.answer) for s in got] == [(1, "get_time", None), (2, None, "12:00")]
+    assert "anyOf" in schemas[1] and "anyOf" not in schemas[2]  # after the repeat: an answer only
+    assert list(schemas[2]["properties"]) == ["answer"]
