@@ -20,6 +20,7 @@ from llmos.errors import LlmosError
 from system_services.agent_run import AgentRun, parse_run_options
 from system_services.caller import current_sender
 from system_services.dbus_errors import error, to_dbus_error
+from system_services.options import handle_token_ok
 from system_services.task_object import TaskObject, task_path
 
 IFACE = "org.llmos.Agent1"
@@ -92,7 +93,7 @@ class AgentObject(ServiceInterface):
         token = options.pop("handle_token", None)
         if token is None:
             token = f"t{next(_numbers)}"
-        elif token.signature != "s" or not _token_ok(token.value):
+        elif token.signature != "s" or not handle_token_ok(token.value):
             raise error("InvalidArgument", "handle_token must be 1-64 characters of A-Z, a-z, 0-9 and _")
         else:
             token = token.value
@@ -163,7 +164,3 @@ class AgentObject(ServiceInterface):
     @signal()
     def JobFinished(self) -> "sus":
         return ["", 0, ""]
-
-
-def _token_ok(token: str) -> bool:
-    return 0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c == "_") for c in token)

@@ -60,12 +60,11 @@ class AgentService:
     """Blocking calls to org.llmos.Agent1 on a connected LLMClient's bus and event loop."""
 
     def __init__(self, client: LLMClient) -> None:
-        # LLMClient has no public face for other interfaces: its async client and loop carry the calls.
         self._client = client
-        self.inner: AsyncLLMClient = client._inner
+        self.inner: AsyncLLMClient = client.aio
 
     def run(self, coro: Any) -> Any:
-        return self._client._run(coro)
+        return self._client.run(coro)
 
     def call(self, member: str, sig: str = "", body: list[Any] | None = None) -> Any:
         return self.run(self.inner.call(AGENT_PATH, AGENT_IFACE, member, sig, body))

@@ -212,6 +212,15 @@ class LLMClient:
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(coro)
 
+    @property
+    def aio(self) -> AsyncLLMClient:
+        """The asyncio client underneath, for interfaces this blocking face does not wrap (Agent1)."""
+        return self._inner
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine of `aio` on this client's event loop and return its result."""
+        return self._run(coro)
+
     def __enter__(self) -> LLMClient:
         return self
 

@@ -19,7 +19,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from agents.tools import Tool, ToolSpec
+from agents.tools import Tool, ToolSpec, argument_problems
 
 SYSTEM_OWNER = "llmosd"
 SYSTEM_APP_ID = "llmos"
@@ -286,41 +286,21 @@ class SystemTools:
         return reply.body
 
 
-def check_arguments(schema: dict[str, Any], value: Any, where: str = "arguments") -> str | None:
-    """What is wrong with `value` under `schema`, or None. Covers the JSON Schema the system tools' specs
-    use (object: properties, required, additionalProperties; string: minLength, maxLength), so the
-    runtime does not depend on jsonschema. Strings must also be ones D-Bus can carry."""
-    kind = schema.get("type")
-    if kind == "object":
-        if not isinstance(value, dict):
-            return f"{where} must be a JSON object"
-        properties: dict[str, Any] = schema.get("properties", {})
-        for key in schema.get("required", []):
-            if key not in value:
-                return f"{where} lacks {key!r}"
-        extra = sorted(set(value) - set(properties))
-        if extra and schema.get("additionalProperties", True) is False:
-            return f"{where} has unexpected {', '.join(map(repr, extra))}"
-        for key, sub in properties.items():
-            if key in value and (problem := check_arguments(sub, value[key], repr(key))):
-                return problem
-        return None
-    if kind == "string":
-        if not isinstance(value, str):
-            return f"{where} must be a string"
-        if len(value) < schema.get("minLength", 0):
-            return f"{where} must have at least {schema['minLength']} character(s)"
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{where} must have at most {schema['maxLength']} characters"
-        # D-Bus strings are UTF-8 without NUL: anything else would fail (or be refused) on the wire.
-        if "\0" in value:
-            return f"{where} must not contain NUL characters"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{where} must not contain unpaired surrogates"
-        return None
-    return f"{where}: unsupported schema type {kind!r}"  # a spec here uses more than this checks
+def check_arguments(schema: dict[str, Any], value: Any) -> str | None:
+    """What is wrong with `value` for a system tool's parameters, or None: the checks every tool call gets
+    (agents.tools.argument_problems; the system tools' schemas are flat), and strings D-Bus can carry,
+    because these go onto the wire as they are."""
+    if problems := argument_problems(schema, value):
+        return "; ".join(problems)
+    for key, item in value.items():
+        if isinstance(item, str):
+            if "\0" in item:
+                return f"{key!r} must not contain NUL characters"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{key!r} must not contain unpaired surrogates"
+    return None
 
 
 def _dbus_call(member: str, signature: str, body: list[Any]) -> Message:
