@@ -142,6 +142,7 @@ class AgentRun:
             return RunOutcome.failed(steps, "org.llmos.Error.InvalidToolCall", str(e))
         except (asyncio.CancelledError, CancelledByDaemon) as e:
             why = str(e) or "cancelled"
+            self.cancel_generation(why)  # the task was cancelled: so is the generation it waited for
             return RunOutcome.failed(steps, "org.llmos.Error.Cancelled", why, RESULT_CANCELLED)
         except Exception as e:  # the agent's own step logic included: named, logged, never a traceback out
             err = to_dbus_error(e)

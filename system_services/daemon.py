@@ -365,8 +365,9 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     sd_notify("STOPPING=1")
     daemon.stopping = True
     jobs.shutdown(wait=False)
-    daemon.scheduled.shutdown()
+    daemon.scheduled.stop_firing()
     await asyncio.to_thread(daemon.worker.stop)
+    await daemon.scheduled.close()  # after the worker: runs it cancelled are recorded as such
     if daemon.arbiter.kv.swap is not None:  # conversations end with the daemon: so does their KV
         shutil.rmtree(daemon.arbiter.kv.swap.root, ignore_errors=True)
     await asyncio.sleep(0.2)  # let the Cancelled replies and Response signals go out
@@ -423,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every job run at INFO
+    # apscheduler logs every job run at INFO and a skipped overlapping run at WARNING; llmosd logs its
+    # own job runs, so only its errors are worth showing
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     try:
         config = DaemonConfig.load(args.config)
         return asyncio.run(serve(args, config))

@@ -11,6 +11,7 @@ the results of its last runs. A run missed while the daemon was down runs once w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -30,7 +31,7 @@ from dbus_fast import Variant
 from llmos.errors import LlmosError
 from system_services.agent_object import IFACE as AGENT_IFACE
 from system_services.agent_object import PATH as AGENT_PATH
-from system_services.agent_run import RUN_KEYS, AgentRun, RunOutcome, parse_run_options
+from system_services.agent_run import RESULT_CANCELLED, RUN_KEYS, AgentRun, RunOutcome, parse_run_options
 from system_services.caller import Caller
 from system_services.dbus_errors import to_dbus_error
 from system_services.job_book import JobBook
@@ -120,15 +121,25 @@ class ScheduledAgents:
     def __init__(self, daemon: Any, path: Path) -> None:
         self.daemon, self.path = daemon, path
         self.scheduler, self.book = open_scheduler(path)
+        self._running: set[asyncio.Task[Any]] = set()  # runs in flight, awaited by close()
+        self._stopping = False
 
     def start(self) -> None:
         global _active
         _active = self
         self.scheduler.start()  # runs what came due while the daemon was down (coalesced)
 
-    def shutdown(self) -> None:
-        global _active
+    def stop_firing(self) -> None:
+        """Start no more runs (the daemon is stopping); runs in flight end when the worker stops."""
+        self._stopping = True
         self.scheduler.shutdown(wait=False)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """After the worker has stopped: let the runs it cancelled record that ("the daemon is
+        stopping", so the app learns a one-off job did not complete), then close the book."""
+        global _active
+        if self._running:
+            await asyncio.wait(self._running, timeout=timeout)
         self.book.close()
         _active = None
 
@@ -198,6 +209,15 @@ class ScheduledAgents:
 
     # -- a run -------------------------------------------------------------------------------------------
     async def run(self, job_id: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        try:
+            await self._run(job_id)
+        finally:
+            self._running.discard(task)
+
+    async def _run(self, job_id: str) -> None:
         row = self.book.get(job_id)
         if row is None:
             return  # cancelled between firing and now
@@ -220,6 +240,8 @@ class ScheduledAgents:
             outcome = await run.execute(lambda step: steps.append(json.loads(step.to_json())))
         if self.book.get(job_id) is None:
             return  # cancelled while it ran: nothing to keep
+        if outcome.code == RESULT_CANCELLED and self._stopping:
+            outcome.error_message = "the daemon stopped during the run"
         ran_at = self.book.add_result(job_id, outcome.to_dict(), steps, self.config.results_kept)
         log.info("job %s (%s) ran: code %d", job_id, row["agent"], outcome.code)
         body = json.dumps({"ran_at": ran_at, **outcome.to_dict()})

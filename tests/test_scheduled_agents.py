@@ -268,3 +268,30 @@ def test_scheduling_mistakes_get_named_errors(
         assert len(client(bus.address, "jobs", app=notes)["jobs"]) == 3  # the refused one left nothing
     finally:
         stop_cleanly(d)
+
+
+def test_a_run_cut_short_by_the_daemon_stopping_is_recorded_as_such(
+    setup: tuple[PrivateBus, Path, list[str]], tmp_path: Path
+) -> None:
+    bus, store, args = setup
+    notes = app_python(tmp_path, "org.example.Notes")
+    d = Daemon(bus.address, store, *args)
+    long_text = "\n\n".join(f"Part {i}. " + NOTES * 12 for i in range(12))  # many parts: a long run
+    job = client(
+        bus.address, "schedule", "summarizer", long_text, '{"interval": 1}', '{"max_tokens": 200}', app=notes
+    )["job"]
+
+    def running() -> bool:
+        return client(bus.address, "status")["active_requests"] > 0
+
+    assert wait_until(running, timeout=60)  # a run is generating now
+    stop_cleanly(d)  # no traceback, exit 0, though a run was in flight
+    d = Daemon(bus.address, store, *args)
+    try:
+        results = client(bus.address, "job-results", job, app=notes)["results"]
+        cut = [r for r in results if r["code"] == 1]
+        assert cut and cut[-1]["error_name"] == "org.llmos.Error.Cancelled", results
+        assert cut[-1]["error_message"] == "the daemon stopped during the run"
+        client(bus.address, "cancel-job", job, app=notes)
+    finally:
+        stop_cleanly(d)
