@@ -138,8 +138,8 @@ class LLMObject(ServiceInterface):
     # -- admin methods: root or polkit (packaging/polkit/org.llmos.policy) --------------------------------
     @method()
     async def ReloadConfig(self) -> "a{sv}":
-        """Re-read the configuration file. Limits and per-app policy ([apps.*]) apply at once; engine,
-        arbiter and state_dir settings need a restart."""
+        """Re-read the configuration file and look for agent plugins again. Limits, [jobs] and per-app
+        policy ([apps.*]) apply at once; engine, arbiter and state_dir settings need a restart."""
         caller = await identify(self.daemon.bus, current_sender())
         await authorize(
             caller, ACTION_CONFIG_RELOAD, daemon_bus_is_system=self.daemon.on_system_bus, bus=self.daemon.bus

@@ -61,8 +61,9 @@ class Summarizer(AgentPlugin):
                 {"role": "system", "content": self.instructions},
                 {"role": "user", "content": f"Summarize this text:\n\n{text}"},
             ]
-            # a small model copies long runs of its input back, or loops, without a penalty
-            reply = await ctx.generate(messages, schema if ctx.constrained else None, repetition_penalty=1.2)
+            # without a penalty a small model loops ("a single request that is a single request ..."); a
+            # strong one (1.2) drives it away from the text's own words, into inventions: 1.1 does neither
+            reply = await ctx.generate(messages, schema if ctx.constrained else None, repetition_penalty=1.1)
             return summary_of(reply)
 
         number = 0
