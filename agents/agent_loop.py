@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.tool_format import ANSWER_CHARS, JSON_STEPS, ToolCallFormat
+from agents.tool_format import ANSWER_CHARS, JSON_STEPS, StepCutError, ToolCallFormat
 from agents.tools import Tool
 
 # What the agent is for; the format adds how to call tools (JSON steps, or the model's own format) and
@@ -36,6 +36,7 @@ class Step:
     observation: Any = None  # what the tool returned (or {"error": ...})
     answer: str | None = None
     text: str | None = None  # work in between, e.g. a summary of one part (custom step logic)
+    cut: bool = False  # the answer ran out of tokens (or of its length limit): it ends with " …"
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"step": self.number}
@@ -43,9 +44,14 @@ class Step:
             d.update(tool=self.tool, arguments=self.arguments, observation=self.observation)
         elif self.answer is not None:
             d["answer"] = self.answer
+            if self.cut:
+                d["cut"] = True
         else:
             d["text"] = self.text
-        return json.dumps(d, ensure_ascii=False)
+        try:
+            return json.dumps(d, ensure_ascii=False).encode("utf-8").decode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a tool: escaped, D-Bus carries only UTF-8
+            return json.dumps(d)
 
 
 async def run_agent(
@@ -67,6 +73,7 @@ async def run_agent(
         {"role": "system", "content": fmt.system_prompt(tools, instructions)},
         {"role": "user", "content": goal},
     ]
+    answer_chars = max(8, min(ANSWER_CHARS, (max_step_tokens - 16) * 3))
     made: set[str] = set()  # each call made: tool and arguments, as JSON
     must_answer = False
     number = 0  # steps shown; a repeated call is not one
@@ -76,8 +83,9 @@ async def run_agent(
             tools,
             allow_answer=not (generation == 1 and tool_choice == "required" and tools),
             allow_tools=not last and tool_choice != "none",
-            # a character can take up to 4 tokens (bytes of emoji): so the answer always fits the step
-            answer_chars=max(8, min(ANSWER_CHARS, (max_step_tokens - 16) // 4)),
+            # about 3 characters a token at least for most text; an answer cut by the token limit anyway
+            # is kept and marked (below), never dropped or passed off as whole
+            answer_chars=answer_chars,
         )
         text = await generate(
             messages,
@@ -85,10 +93,20 @@ async def run_agent(
             grammar=spec.grammar if constrained else None,
             tools=fmt.template_tools(tools),
         )
-        decided = fmt.parse(text, by_name)  # constrained: always one of the branches
         number += 1
+        if getattr(text, "finish_reason", "stop") in ("length", "context"):
+            partial = fmt.cut_answer(text)
+            if partial is None:
+                raise StepCutError(
+                    f"step {number} ran out of tokens in the middle of a tool call; give the run a larger "
+                    f"max_tokens (it was {max_step_tokens})"
+                )
+            yield Step(number, answer=partial.rstrip() + " …", cut=True)
+            return
+        decided = fmt.parse(text, by_name)  # constrained: always one of the branches
         if "answer" in decided:
-            yield Step(number, answer=decided["answer"])
+            whole = len(decided["answer"]) < answer_chars  # at the limit, the constraint closed it
+            yield Step(number, answer=decided["answer"] if whole else decided["answer"] + " …", cut=not whole)
             return
         key = json.dumps([decided["tool"], decided["arguments"]], sort_keys=True)
         if key in made:  # a small model repeats a call rather than answer: it has what it can get, so

@@ -58,6 +58,25 @@ class ToolCallFormat(Protocol):
         """The message that gives the model a tool's result."""
         ...
 
+    def cut_answer(self, text: str) -> str | None:
+        """The answer so far in a step cut short by the token limit; None if it was a tool call."""
+        ...
+
+
+class StepCutError(InvalidStepError):
+    """The step ran out of tokens in the middle of a tool call (an answer cut short is kept, marked)."""
+
+
+def partial_json_string(body: str) -> str:
+    """The text of a JSON string literal cut short (`body` is what came after its opening quote),
+    without a half-written escape at the end."""
+    for cut in range(min(len(body), 8) + 1):
+        try:
+            return json.loads(f'"{body[: len(body) - cut]}"')
+        except json.JSONDecodeError:
+            continue
+    return ""
+
 
 def result_text(result: Any) -> str:
     text = json.dumps(result, ensure_ascii=False)
@@ -128,6 +147,13 @@ class JsonSteps:
             return decided
         return _checked(decided, tools)
 
+    ANSWER_OPEN = '{"answer": "'
+
+    def cut_answer(self, text: str) -> str | None:
+        if not text.startswith(self.ANSWER_OPEN):
+            return None
+        return partial_json_string(text[len(self.ANSWER_OPEN) :])
+
     def observation(self, tool: str, result: Any) -> dict[str, str]:
         text = result_text(result)
         return {
@@ -191,6 +217,9 @@ class HermesToolCalls:
         if not isinstance(call, dict):
             raise InvalidStepError("the tool call is not a JSON object")
         return _checked({"tool": call.get("name"), "arguments": call.get("arguments")}, tools)
+
+    def cut_answer(self, text: str) -> str | None:
+        return None if text.lstrip().startswith(self.OPEN.strip()) else text.strip()
 
     def observation(self, tool: str, result: Any) -> dict[str, str]:
         return {"role": "tool", "content": result_text(result)}

@@ -14,12 +14,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import llguidance as llg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmos.errors import LlmosError
 
 MAX_MANIFEST_CHARS = 256 * 1024
-MAX_TOOLS = 64
+MAX_TOOLS = 64  # per manifest, and per connection
+MAX_PARAMETERS_CHARS = 16 * 1024
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
@@ -50,6 +52,17 @@ class ToolSpec(BaseModel):
     def _object_schema(cls, v: dict) -> dict:
         if v.get("type") != "object":
             raise ValueError('parameters must be a JSON Schema of "type": "object"')
+        if len(json.dumps(v)) > MAX_PARAMETERS_CHARS:
+            raise ValueError(f"parameters are over {MAX_PARAMETERS_CHARS} characters of JSON")
+        # compiled now, as every run's step grammar will: a schema the compiler refuses (a broken $ref,
+        # an unknown type) is this manifest's error, not a failure of every run that may use the tool
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(v)
+        except ValueError as e:
+            raise ValueError(f"parameters cannot be used: {e}") from None
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+        if is_error:
+            raise ValueError(f"parameters cannot be used: {messages[0] if messages else 'invalid'}")
         return v
 
 
@@ -135,7 +148,15 @@ class ToolRegistry:
         self._by_owner: dict[str, dict[str, Tool]] = {}  # owner -> tool name -> tool
 
     def register(self, owner: str, app_id: str, path: str, manifest: ToolManifest) -> list[str]:
-        """Add (or replace) the owner's tools; returns their names."""
+        """Add (or replace) the owner's tools; returns their names. A connection has at most MAX_TOOLS:
+        every tool, shared ones most of all, grows the step grammar of the runs that may use it."""
+        current = self._by_owner.get(owner, {})
+        after = set(current) | {t.name for t in manifest.tools}
+        if len(after) > MAX_TOOLS:
+            raise ToolManifestError(
+                f"a connection may register at most {MAX_TOOLS} tools ({len(after)} with these); "
+                "unregister some first"
+            )
         tools = self._by_owner.setdefault(owner, {})
         for spec in manifest.tools:
             tools[spec.name] = Tool(spec, owner, app_id, path)

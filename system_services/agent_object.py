@@ -21,6 +21,7 @@ from system_services.agent_run import AgentRun, parse_run_options
 from system_services.caller import current_sender
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.options import handle_token_ok
+from system_services.system_tools import SYSTEM_TOOL_NAMES
 from system_services.task_object import TaskObject, task_path
 
 IFACE = "org.llmos.Agent1"
@@ -35,6 +36,7 @@ class AgentObject(ServiceInterface):
     def __init__(self, daemon: Any) -> None:
         super().__init__(IFACE)
         self.daemon = daemon
+        self._starting: set[str] = set()  # task paths of Run calls not yet answered
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "u":
@@ -49,8 +51,17 @@ class AgentObject(ServiceInterface):
             parsed = ToolManifest.parse(manifest)
         except ToolManifestError as e:
             raise to_dbus_error(e) from None
+        if reserved := sorted({t.name for t in parsed.tools} & set(SYSTEM_TOOL_NAMES)):
+            # a shared tool named like a system tool would receive every other app's calls of it
+            raise error("InvalidArgument", f"{', '.join(reserved)}: the name of a built-in system tool")
         caller = await self.daemon.caller(sender)
-        names = self.daemon.tools.register(sender, caller.app_id, path, parsed)
+        try:
+            names = self.daemon.tools.register(sender, caller.app_id, path, parsed)
+        except ToolManifestError as e:
+            raise to_dbus_error(e) from None
+        if not await self.daemon.on_bus(sender):  # it left while we asked who it is: nobody serves these
+            self.daemon.tools.unregister(sender)
+            raise error("NotFound", "the caller left the bus")
         log.info("%s registered tools %s at %s", caller.app_id, ", ".join(names), path)
         return names
 
@@ -106,16 +117,19 @@ class AgentObject(ServiceInterface):
         if denied := sorted(set(settings.system_tools or ()) - set(allowed)):
             raise error("AccessDenied", f"the policy for {caller.app_id} does not allow {', '.join(denied)}")
         path = task_path(sender, token)
-        if any(o.path == path for o in self.daemon.ownership.owned_by(sender)):
+        if path in self._starting or any(o.path == path for o in self.daemon.ownership.owned_by(sender)):
             raise error("InvalidArgument", f"handle_token {token!r} is already in use by a running task")
+        self._starting.add(path)  # held across the awaits below: a second Run with this token waits out
         try:
             agent = self.daemon.agents.get(agent_name.value)
             usable = await self.daemon.usable_tools({sender}, caller.app_id, settings.system_tools)
             tools = agent.select_tools(usable)
+            run = AgentRun(self.daemon, agent, goal, tools, settings, app_id=caller.app_id, owner=sender)
+            TaskObject(self.daemon, path, run).start()
         except LlmosError as e:
             raise to_dbus_error(e) from None
-        run = AgentRun(self.daemon, agent, goal, tools, settings, app_id=caller.app_id, owner=sender)
-        TaskObject(self.daemon, path, run).start()
+        finally:
+            self._starting.discard(path)
         return path
 
     @method()

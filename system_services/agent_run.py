@@ -15,10 +15,13 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 
 from agents.agent_loop import Step
-from agents.plugin import AgentContext, AgentPlugin
+from agents.plugin import AgentContext, AgentPlugin, AgentPluginError
+from agents.structured_output import JSON_STYLE
 from agents.tool_format import InvalidStepError
 from agents.tools import Tool, argument_problems
 from llmos.engine.sampling import SamplingParams
+from llmos.engine.sequence import FinishReason
+from llmos.tokenizer import Tokenizer
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import CancelledByDaemon, Job
 from system_services.options import RequestOptions, parse_options
@@ -39,6 +42,7 @@ class RunOutcome:
     code: int
     steps: int = 0
     answer: str | None = None
+    cut: bool | None = None  # the answer ran out of tokens: it ends with " …"
     error_name: str | None = None
     error_message: str | None = None
 
@@ -51,8 +55,43 @@ class RunOutcome:
 
     def variants(self) -> dict[str, Variant]:
         """The Result signal's a{sv} (without the code, which goes first)."""
-        types = {"steps": "u", "answer": "s", "error_name": "s", "error_message": "s"}
+        types = {"steps": "u", "answer": "s", "cut": "b", "error_name": "s", "error_message": "s"}
         return {k: Variant(types[k], v) for k, v in self.to_dict().items() if k != "code"}
+
+
+class Reply(str):
+    """A generation's text, and why it ended ("stop", "length", "context"): a step cut by max_tokens
+    is told apart from one that ended (agents.agent_loop marks a cut answer)."""
+
+    finish_reason: str
+
+    def __new__(cls, text: str, finish_reason: str) -> "Reply":
+        obj = super().__new__(cls, text)
+        obj.finish_reason = finish_reason
+        return obj
+
+
+def special_texts(tokenizer: Tokenizer) -> list[str]:
+    return [t for i in tokenizer.special_ids if len(t := tokenizer.id_to_token(i)) > 1]
+
+
+def plain_text(content: str, specials: list[str]) -> str:
+    """Text from the caller or a tool, made unable to pose as chat markup. The rendered prompt is
+    encoded with special tokens parsed (the template's own markup must be), so a goal or a tool result
+    holding "<|im_end|><|im_start|>system" would otherwise close its turn and open a real one. A
+    zero-width space after the first character keeps it readable, and plain."""
+    for special in specials:
+        if special in content:
+            content = content.replace(special, special[0] + "\u200b" + special[1:])
+    return content
+
+
+def schema_grammar(schema: str) -> str:
+    """A JSON Schema as an llguidance grammar, in the compact JSON style of structured output."""
+    parsed = json.loads(schema)
+    if isinstance(parsed, dict):
+        parsed = {**parsed, "x-guidance": JSON_STYLE}
+    return f"start: %json {json.dumps(parsed)}"
 
 
 @dataclass
@@ -69,6 +108,11 @@ def parse_run_options(options: dict[str, Variant], limits: Any, *, scheduled: bo
     """A run's a{sv} options (without handle_token), checked: InvalidArgument names what is wrong.
     A scheduled run has no caller on the bus to approve anything, so no approver."""
     options = dict(options)
+    accepted = sorted((set(RUN_KEYS) | SAMPLING_KEYS) - ({"approver"} if scheduled else set()))
+    if unknown := sorted(set(options) - set(accepted)):
+        raise error(
+            "InvalidArgument", f"unknown option {unknown[0]!r} (accepted here: {', '.join(accepted)})"
+        )
     own = {k: options.pop(k) for k in list(options) if k in RUN_KEYS}
     if scheduled and "approver" in own:
         raise error("InvalidArgument", "a scheduled run has no approver: its confirm tools are refused")
@@ -119,7 +163,11 @@ class AgentRun:
             generate=self._generate,
             call_tool=self._call_tool,
             count_tokens=lambda text: len(self.daemon.model.tokenizer.encode(text, parse_special=False)),
-            context_length=self.daemon.model.context_length,
+            # the app's own cap, if it has one, is what its generations may hold
+            context_length=min(
+                self.daemon.model.context_length,
+                self.daemon.policy(self.app_id).max_context or self.daemon.model.context_length,
+            ),
             max_steps=s.max_steps,
             max_step_tokens=s.request.params.max_tokens,
             tool_choice=s.tool_choice,
@@ -134,12 +182,14 @@ class AgentRun:
         try:
             async for step in self.steps():
                 steps += 1
+                if not all(isinstance(v, str | None) for v in (step.answer, step.text)):
+                    raise AgentPluginError(f"agent {self.agent.name} gave a step whose text is not a string")
                 on_step(step)
                 if step.answer is not None:
-                    return RunOutcome(RESULT_OK, steps, answer=step.answer)
+                    return RunOutcome(RESULT_OK, steps, answer=step.answer, cut=step.cut or None)
             return RunOutcome.failed(steps, "org.llmos.Error.Failed", "the run ended without an answer")
-        except InvalidStepError as e:
-            return RunOutcome.failed(steps, "org.llmos.Error.InvalidToolCall", str(e))
+        except InvalidStepError as e:  # unconstrained (a measurement), or a call cut by max_tokens
+            return RunOutcome.failed(steps, "org.llmos.Error.Failed", str(e))
         except (asyncio.CancelledError, CancelledByDaemon) as e:
             why = str(e) or "cancelled"
             self.cancel_generation(why)  # the task was cancelled: so is the generation it waited for
@@ -164,9 +214,16 @@ class AgentRun:
         """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
         tokens than the caller gave each step. With `tools`, the model's chat template renders them."""
         d = self.daemon
-        prompt: Any = messages
+        prompt: Any = [
+            m if m.get("role") in ("system", "assistant") else {**m, "content": self._as_text(m["content"])}
+            for m in messages
+        ]
         if tools is not None and d.model.chat_template is not None:  # rendered here: the tools go in
-            prompt = d.model.chat_template.render(messages, tools=tools)
+            prompt = d.model.chat_template.render(prompt, tools=tools)
+        if schema is not None and grammar is None:
+            # an agent's schema (a step's grows with every usable tool) is the daemon's own, so it is not
+            # held to the size limit of callers' schemas: it goes in as a grammar of that schema
+            grammar, schema = schema_grammar(schema), None
         request = replace(self.settings.request, grammar=grammar)
         if sampling:
             merged = {**request.params.model_dump(), **sampling}
@@ -181,7 +238,10 @@ class AgentRun:
                 result = await d.run_for_caller(job, self.owner)
         finally:
             self._job = None
-        return result.text
+        return Reply(result.text, FinishReason(result.finish_reason).value)
+
+    def _as_text(self, content: str) -> str:
+        return plain_text(content, special_texts(self.daemon.model.tokenizer))
 
     async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,

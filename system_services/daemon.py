@@ -133,6 +133,20 @@ class Daemon:
         user (two users' copies of one app share it), so there is no "own row" to show anyone else."""
         return viewer.uid in (0, os.getuid())
 
+    async def on_bus(self, name: str) -> bool:
+        """Whether a unique name is still connected (NameHasOwner)."""
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="NameHasOwner",
+                signature="s",
+                body=[name],
+            )
+        )
+        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body and reply.body[0])
+
     def policy(self, app_id: str) -> AppPolicy:
         return self.config.policies.for_app(app_id)
 

@@ -63,6 +63,16 @@ class JobBook:
         )
         return ran_at
 
+    def summary(self, job_id: str) -> tuple[int, dict[str, Any] | None]:
+        """How many results are kept, and the last one without its step log."""
+        (kept,) = self.db.execute("SELECT COUNT(*) FROM llmos_results WHERE job_id = ?", (job_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT ran_at, outcome FROM llmos_results WHERE job_id = ?"
+            " ORDER BY ran_at DESC, rowid DESC LIMIT 1",
+            (job_id,),
+        ).fetchone()
+        return kept, ({"ran_at": row["ran_at"], **json.loads(row["outcome"])} if row else None)
+
     def results(self, job_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT ran_at, outcome, steps FROM llmos_results WHERE job_id = ? ORDER BY ran_at, rowid",

@@ -97,7 +97,10 @@ class SQLiteJobStore(BaseJobStore):
         try:
             state = decode_job(text)
         except (ValueError, KeyError, TypeError, ImportError, LookupError) as e:
-            log.error("scheduled job %s in %s cannot be read (%s); it is left as it is", job_id, self.path, e)
+            # left in the file for whoever can read it (a newer llmos), but no longer due: the scheduler
+            # would otherwise wake for it again at once, for ever
+            self.db.execute("UPDATE apscheduler_jobs SET next_run_time = NULL WHERE id = ?", (job_id,))
+            log.error("scheduled job %s in %s cannot be read (%s); it is set aside", job_id, self.path, e)
             return None
         job = Job.__new__(Job)
         job.__setstate__({**state, "jobstore": self})

@@ -28,6 +28,8 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from dbus_fast import Variant
 
+from agents.agent_loop import Step
+from agents.tool_format import MAX_OBSERVATION_CHARS, result_text
 from llmos.errors import LlmosError
 from system_services.agent_object import IFACE as AGENT_IFACE
 from system_services.agent_object import PATH as AGENT_PATH
@@ -40,6 +42,7 @@ from system_services.request_object import send_unicast
 
 log = logging.getLogger("llmosd")
 TRIGGER_KEYS = {"cron": "s", "interval": "u", "date": "s", "timezone": "s"}
+LAST_YEAR = 9000  # apscheduler's times go through UTC: a date near 9999 overflows there
 MAX_INPUT_CHARS = 256 * 1024
 
 
@@ -49,6 +52,10 @@ class ScheduleError(LlmosError):
 
 class JobNotFoundError(LlmosError):
     dbus_name = "NotFound"
+
+
+class JobAccessError(LlmosError):
+    dbus_name = "AccessDenied"
 
 
 class JobQuotaError(LlmosError):
@@ -74,25 +81,72 @@ def parse_trigger(raw: dict[str, Variant], min_interval_s: int) -> tuple[BaseTri
         except (ZoneInfoNotFoundError, ValueError):
             raise ScheduleError(f"unknown time zone {raw['timezone'].value!r}") from None
     described: dict[str, Any] = {kind: value} | ({"timezone": str(tz)} if tz else {})
+    trigger: BaseTrigger
     if kind == "cron":
+        fields = value.split()
+        if len(fields) != 5:
+            raise ScheduleError(f"cron {value!r}: five fields are needed: minute hour day month weekday")
+        minute, hour, day, month, weekday = fields
         try:
-            return CronTrigger.from_crontab(value, timezone=tz), described
+            trigger = CronTrigger(
+                minute=minute,
+                hour=hour,
+                day=day,
+                month=month,
+                day_of_week=cron_weekdays(weekday),
+                timezone=tz,
+            )
         except ValueError as e:
             raise ScheduleError(f"cron {value!r}: {e} (five fields: minute hour day month weekday)") from None
-    if kind == "interval":
+    elif kind == "interval":
         if value < min_interval_s:
             raise ScheduleError(f"interval {value} s is under this daemon's minimum of {min_interval_s} s")
-        return IntervalTrigger(seconds=value, timezone=tz), described
+        trigger = IntervalTrigger(seconds=value, timezone=tz)
+    else:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise ScheduleError(f"date {value!r} is not ISO 8601 (e.g. 2026-11-22T08:00:00+01:00)") from None
+        try:
+            if when.tzinfo is None:  # naive: the zone given, else local time
+                when = when.replace(tzinfo=tz) if tz else when.astimezone()
+            when.astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise ScheduleError(f"date {value!r} is out of range") from None
+        if when <= datetime.now(UTC):
+            raise ScheduleError(f"date {value!r} is in the past")
+        described["date"] = when.isoformat()
+        trigger = DateTrigger(run_date=when)
     try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise ScheduleError(f"date {value!r} is not ISO 8601 (e.g. 2026-11-22T08:00:00+01:00)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=tz) if tz else when.astimezone()  # naive: the zone given, else local
-    if when <= datetime.now(UTC):
-        raise ScheduleError(f"date {value!r} is in the past")
-    described["date"] = when.isoformat()
-    return DateTrigger(run_date=when), described
+        first = trigger.get_next_fire_time(None, datetime.now(UTC))
+    except (ValueError, OverflowError):  # e.g. beyond the year 9999 in UTC
+        first = None
+    if first is None or first.year >= LAST_YEAR:
+        raise ScheduleError(f"this trigger never fires (before the year {LAST_YEAR})")
+    return trigger, described
+
+
+def cron_weekdays(field: str) -> str:
+    """A crontab weekday field in apscheduler's terms: crontab counts 0 (or 7) = Sunday to 6 = Saturday,
+    apscheduler 0 = Monday; numbers become the names both read alike (mon, tue, ...); names, `*` and
+    `?` stay as they are."""
+    names = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+    out = []
+    for item in field.split(","):
+        spec, _, step = item.partition("/")
+        if spec in ("*", "?") and not step:
+            out.append("*")
+            continue
+        if not all(p.isdigit() for p in spec.replace("*", "0-6").split("-")):
+            out.append(item)  # names: apscheduler checks them
+            continue
+        lo, _, hi = spec.replace("*", "0-6").partition("-")
+        first, last = int(lo), int(hi or lo)
+        if not (0 <= first <= 7 and 0 <= last <= 7 and first <= last) or (step and not step.isdigit()):
+            raise ValueError(f"weekday {item!r}: 0-7 (0 and 7 are Sunday), names, ranges and steps")
+        days = range(first, last + 1, int(step) if step else 1) if step or hi else [first]
+        out.extend(names[d % 7] for d in days)
+    return ",".join(dict.fromkeys(out))
 
 
 def open_scheduler(path: Path) -> tuple[AsyncIOScheduler, JobBook]:
@@ -121,7 +175,7 @@ class ScheduledAgents:
     def __init__(self, daemon: Any, path: Path) -> None:
         self.daemon, self.path = daemon, path
         self.scheduler, self.book = open_scheduler(path)
-        self._running: set[asyncio.Task[Any]] = set()  # runs in flight, awaited by close()
+        self._running: dict[str, asyncio.Task[Any]] = {}  # job id -> its run in flight
         self._stopping = False
 
     def start(self) -> None:
@@ -138,8 +192,10 @@ class ScheduledAgents:
         """After the worker has stopped: let the runs it cancelled record that ("the daemon is
         stopping", so the app learns a one-off job did not complete), then close the book."""
         global _active
+        for task in self._running.values():  # a run waiting on a tool (up to 20 s) stops now
+            task.cancel("the daemon stopped during the run")
         if self._running:
-            await asyncio.wait(self._running, timeout=timeout)
+            await asyncio.wait(list(self._running.values()), timeout=timeout)
         self.book.close()
         _active = None
 
@@ -157,7 +213,10 @@ class ScheduledAgents:
             raise ScheduleError(f"the input is over {MAX_INPUT_CHARS} characters")
         self.daemon.agents.get(agent)  # UnknownAgentError (NotFound) now, not at the first run
         trig, described = parse_trigger(trigger, self.config.min_interval_s)
-        parse_run_options(options, self.daemon.config.limits, scheduled=True)  # checked now, kept as JSON
+        settings = parse_run_options(options, self.daemon.config.limits, scheduled=True)  # kept as JSON
+        allowed = self.daemon.allowed_system_tools(caller.app_id)
+        if denied := sorted(set(settings.system_tools or ()) - set(allowed)):
+            raise JobAccessError(f"the policy for {caller.app_id} does not allow {', '.join(denied)}")
         if len(self.book.owned(caller.uid, caller.app_id)) >= self.config.max_per_app:
             raise JobQuotaError(f"{caller.app_id} already has {self.config.max_per_app} scheduled jobs")
         plain = {k: v.value for k, v in options.items()}
@@ -174,7 +233,7 @@ class ScheduledAgents:
         out = []
         for row in self.book.owned(caller.uid, caller.app_id):
             job = self.scheduler.get_job(row["id"])
-            results = self.book.results(row["id"])
+            kept, last = self.book.summary(row["id"])
             out.append(
                 {
                     "id": row["id"],
@@ -184,8 +243,8 @@ class ScheduledAgents:
                     "options": json.loads(row["options"]),
                     "created": row["created"],
                     "next_run": job.next_run_time.isoformat() if job and job.next_run_time else None,
-                    "runs_kept": len(results),
-                    "last": {k: v for k, v in results[-1].items() if k != "step_log"} if results else None,
+                    "runs_kept": kept,
+                    "last": last,
                 }
             )
         return out
@@ -196,6 +255,8 @@ class ScheduledAgents:
 
     def cancel(self, caller: Caller, job_id: str) -> None:
         self._owned(caller, job_id)
+        if (running := self._running.get(job_id)) is not None:  # no more tool calls after this returns
+            running.cancel("the job was cancelled")
         if self.scheduler.get_job(job_id) is not None:
             self.scheduler.remove_job(job_id)
         self.book.remove(job_id)
@@ -211,11 +272,13 @@ class ScheduledAgents:
     async def run(self, job_id: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._running.add(task)
+        self._running[job_id] = task  # max_instances=1: one run per job at a time
         try:
             await self._run(job_id)
+        except asyncio.CancelledError:
+            pass  # CancelJob or the daemon stopping, before the run began: nothing to record
         finally:
-            self._running.discard(task)
+            self._running.pop(job_id, None)
 
     async def _run(self, job_id: str) -> None:
         row = self.book.get(job_id)
@@ -237,7 +300,7 @@ class ScheduledAgents:
             outcome = RunOutcome.failed(0, err.type, err.text)
         else:
             run = AgentRun(d, agent, row["input"], tools, settings, app_id=row["app_id"], owner=None)
-            outcome = await run.execute(lambda step: steps.append(json.loads(step.to_json())))
+            outcome = await run.execute(lambda step: steps.append(kept_step(step)))
         if self.book.get(job_id) is None:
             return  # cancelled while it ran: nothing to keep
         if outcome.code == RESULT_CANCELLED and self._stopping:
@@ -255,6 +318,14 @@ class ScheduledAgents:
                 "sus",
                 [job_id, outcome.code, body],
             )
+
+
+def kept_step(step: Step) -> dict[str, Any]:
+    """A step as the job book keeps it: a long tool result cut, with a note, as the model saw it."""
+    d = json.loads(step.to_json())
+    if "observation" in d and len(json.dumps(d["observation"])) > MAX_OBSERVATION_CHARS:
+        d["observation"] = {"cut": result_text(d["observation"])}
+    return d
 
 
 def _variant(key: str, value: Any) -> Variant:

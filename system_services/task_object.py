@@ -62,9 +62,13 @@ class TaskObject(ServiceInterface):
 
     # -- the run -----------------------------------------------------------------------------------
     async def _run(self) -> None:
-        outcome = await self.run.execute(lambda step: self._unicast("Step", "s", [step.to_json()]))
-        self._unicast("Result", "ua{sv}", [outcome.code, outcome.variants()])
-        self._teardown()
+        try:
+            outcome = await self.run.execute(lambda step: self._unicast("Step", "s", [step.to_json()]))
+            self._unicast("Result", "ua{sv}", [outcome.code, outcome.variants()])
+        except Exception:  # the Result could not be sent: logged; the object goes all the same
+            log.exception("task %s could not send its result", self.path)
+        finally:
+            self._teardown()
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _unicast(self, member: str, signature: str, body: list[Any]) -> None:

@@ -18,7 +18,9 @@ from dbus_harness import REPO, Daemon, PrivateBus, client
 from agents.builtin.summarizer import split_text, summary_of
 from agents.catalog import AgentCatalog
 from agents.tools import argument_problems
+from llmos.gguf_file import GGUFFile
 from llmos.model_store import ModelStore
+from llmos.tokenizer import Tokenizer
 
 EXAMPLE = REPO / "examples" / "llmos-agent-todo"
 ADD_TASK = {
@@ -126,11 +128,26 @@ def test_a_long_text_is_cut_into_parts_that_fit_and_lose_nothing() -> None:
     assert split_text("  ", 100, words) == []
 
 
+@pytest.mark.parametrize("kind", ["paragraphs", "sentences", "words"])
+def test_parts_fit_the_budget_in_the_models_own_tokens(kind: str, default_gguf: Path) -> None:
+    tokenizer = Tokenizer.from_gguf(GGUFFile(default_gguf))
+    count = lambda s: len(tokenizer.encode(s, parse_special=False))  # noqa: E731
+    text = {
+        "paragraphs": "\n\n".join(f"Paragraph {i} is short. It ends here." for i in range(2000)),
+        "sentences": " ".join(f"Sentence {i} is here." for i in range(4000)),
+        "words": " ".join(f"word{i}" for i in range(8000)),
+    }[kind]
+    parts = split_text(text, 1024, count)
+    assert all(count(p) <= 1024 for p in parts)
+    assert " ".join(parts).split() == text.split()
+
+
 def test_a_summary_cut_by_the_token_limit_says_so() -> None:
     assert summary_of('{"summary": "The library opens in spring."}') == "The library opens in spring."
     assert summary_of('{"summary": "The library opens in spr') == "The library opens in spr …"
     assert summary_of('{"summary": "A tab\\') == "A tab …"  # a half-written escape is dropped
     assert summary_of("Free text, unconstrained.") == "Free text, unconstrained."
+    assert summary_of('{"summary": "abcdefgh"}', limit=8) == "abcdefgh …"  # closed at its length limit
 
 
 def test_arguments_an_agent_makes_up_are_checked_before_any_app_sees_them() -> None:
@@ -152,6 +169,23 @@ def bus(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Iterato
     store = tmp / "store"
     ModelStore(store).import_gguf(default_gguf, make_default=True)
     install(EXAMPLE, tmp / "site")
+    write_dist(  # a plugin with a bug: its answer is not text
+        tmp / "site",
+        "buggy",
+        "buggy = buggy_plugin:Buggy",
+        "buggy_plugin",
+        """
+        from agents.plugin import AgentPlugin, Step
+
+        class Buggy(AgentPlugin):
+            name = "buggy"
+            description = "Answers with a number, which an answer is not."
+            tools = ()
+
+            async def steps(self, ctx):
+                yield Step(1, answer=42)
+        """,
+    )
     b = PrivateBus(tmp)
     config = tmp / "llmosd.toml"
     config.write_text(f'state_dir = "{tmp / "state"}"\n[apps.default]\nsystem_tools = []\n')
@@ -233,3 +267,12 @@ def test_the_summarizer_works_through_a_long_text_in_parts(bus: PrivateBus, tmp_
     answer = out["result"]["answer"]
     assert answer.strip() and len(answer) < len(text) // 10
     assert "library" in answer.lower() or "council" in answer.lower(), answer
+
+
+@pytest.mark.model
+def test_a_plugins_bug_ends_its_run_with_a_named_error(bus: PrivateBus, tmp_path: Path) -> None:
+    out = run(bus, tmp_path, register=False, goal="Hi", options={"agent": "buggy"})
+    assert out["code"] == 2 and out["result"]["error_name"] == "org.llmos.Error.InvalidArgument", out
+    assert "not a string" in out["result"]["error_message"]
+    again = run(bus, tmp_path, register=False, goal="Hi", options={"agent": "buggy"})
+    assert again["code"] == 2  # the same handle_token works again: the first task object went away

@@ -99,6 +99,9 @@ def test_a_damaged_job_row_is_skipped_and_logged_not_fatal(
     with caplog.at_level(logging.ERROR, logger="llmosd"):
         assert asyncio.run(ids()) == ["b"]
     assert "scheduled job a" in caplog.text and "format 99" in caplog.text
+    with sqlite3.connect(path) as db:  # kept for a newer llmos, but never due again (no busy loop)
+        assert db.execute("SELECT next_run_time FROM apscheduler_jobs WHERE id = 'a'").fetchone() == (None,)
+        assert SQLiteJobStore(path).get_next_run_time() is not None  # b's
 
 
 @pytest.mark.parametrize(
@@ -114,11 +117,40 @@ def test_a_damaged_job_row_is_skipped_and_logged_not_fatal(
         ({"date": Variant("s", "tomorrow")}, "not ISO 8601"),
         ({"cron": Variant("s", "0 8 * * *"), "timezone": Variant("s", "Mars/Olympus")}, "unknown time zone"),
         ({"every": Variant("u", 60)}, "unknown trigger key 'every'"),
+        ({"cron": Variant("s", "0 0 31 2 *")}, "never fires"),  # 31 February
+        ({"cron": Variant("s", "0 8 * * 8")}, "weekday '8'"),
+        (
+            {"date": Variant("s", "9999-12-31T23:59:59"), "timezone": Variant("s", "America/Adak")},
+            "out of range",
+        ),
+        ({"date": Variant("s", "0001-01-01T00:00:00")}, "out of range"),
     ],
 )
 def test_a_bad_trigger_is_refused_by_name(trigger: dict[str, Variant], why: str) -> None:
     with pytest.raises(ScheduleError, match=why):
         parse_trigger(trigger, 60)
+
+
+@pytest.mark.parametrize(
+    ("weekdays", "fires_on"),
+    [
+        ("1-5", ["Mon", "Tue", "Wed", "Thu", "Fri"]),  # crontab's numbers: 0 and 7 are Sunday
+        ("0", ["Sun"]),
+        ("7", ["Sun"]),
+        ("6,0", ["Sat", "Sun"]),
+        ("*/3", ["Sun", "Wed", "Sat"]),
+        ("mon-wed", ["Mon", "Tue", "Wed"]),
+    ],
+)
+def test_cron_weekdays_count_as_crontab_does(weekdays: str, fires_on: list[str]) -> None:
+    trig, _ = parse_trigger(
+        {"cron": Variant("s", f"0 8 * * {weekdays}"), "timezone": Variant("s", "UTC")}, 60
+    )
+    t, days = datetime.now(UTC), set()
+    for _ in range(14):
+        t = trig.get_next_fire_time(None, t + timedelta(minutes=1))
+        days.add(t.strftime("%a"))
+    assert days == set(fires_on)
 
 
 def test_a_date_without_a_zone_is_local_time_and_described_with_its_offset() -> None:
@@ -259,6 +291,16 @@ def test_scheduling_mistakes_get_named_errors(
         assert out["error"] == "org.llmos.Error.InvalidArgument" and "cron" in out["message"]
         out = client(bus.address, "schedule", "summarizer", NOTES, hourly, '{"approver": "/x"}', app=notes)
         assert out["error"] == "org.llmos.Error.InvalidArgument", out
+        out = client(
+            bus.address,
+            "schedule",
+            "summarizer",
+            NOTES,
+            hourly,
+            '{"system_tools": ["current_time"]}',
+            app=notes,
+        )
+        assert out["error"] == "org.llmos.Error.AccessDenied", out  # the policy gives it no system tools
         out = client(bus.address, "schedule", "summarizer", " ", hourly, app=notes)
         assert out["error"] == "org.llmos.Error.InvalidArgument" and "empty" in out["message"]
         for _ in range(3):

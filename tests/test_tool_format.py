@@ -140,3 +140,11 @@ def test_a_run_on_a_model_with_its_own_format_calls_tools_in_it(tmp_path: Path) 
         assert daemon.stop() == 0
         assert not [line for line in daemon.log if "Traceback" in line], daemon.log
         bus.stop()
+
+
+def test_a_step_cut_by_the_token_limit_keeps_an_answer_and_refuses_a_half_call() -> None:
+    assert JSON_STEPS.cut_answer('{"answer": "It is sunny in Os') == "It is sunny in Os"
+    assert JSON_STEPS.cut_answer('{"answer": "A tab \\') == "A tab "  # a half-written escape dropped
+    assert JSON_STEPS.cut_answer('{"tool": "get_weather", "argum') is None
+    assert HERMES.cut_answer("It is sunny in Os") == "It is sunny in Os"
+    assert HERMES.cut_answer('<tool_call>\n{"name": "get_wea') is None
