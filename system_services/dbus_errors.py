@@ -25,12 +25,16 @@ log = logging.getLogger("llmosd")
 
 class _NoTracebackForNamedErrors(logging.Filter):
     """dbus-fast logs a traceback when a method called with NO_REPLY_EXPECTED raises (no reply can carry
-    the error). A named org.llmos.Error is the answer to a bad call, not a fault: drop those records.
-    Failed is kept (to_dbus_error already logged its cause)."""
+    the error). A named org.llmos.Error, or a standard org.freedesktop.DBus.Error such as UnknownMethod
+    for a Properties call naming a member it does not have, is the answer to a bad call, not a fault:
+    drop those records. Failed is kept (to_dbus_error already logged its cause)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         e = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(e, DBusError) and e.type.startswith(PREFIX) and e.type != PREFIX + "Failed")
+        if not isinstance(e, DBusError):
+            return True
+        answer = e.type.startswith((PREFIX, "org.freedesktop.DBus.Error.")) and e.type != PREFIX + "Failed"
+        return not answer
 
 
 for _logger in ("dbus_fast.aio.message_reader", "dbus_fast.aio.message_bus"):

@@ -1053,3 +1053,28 @@ def test_random_and_malformed_calls_get_named_answers(bus: PrivateBus, daemon: D
     print("final status:", st_)
     assert idle, "sessions, requests or KV memory left behind (status above)"
     assert not [line for line in daemon.log if "Traceback" in line], "\n".join(daemon.log)
+
+
+def test_a_malformed_call_that_wants_no_reply_logs_no_traceback(bus: PrivateBus, daemon: Daemon) -> None:
+    """dbus-fast logs a traceback for an error it cannot reply with; a standard error for a bad call (a
+    Properties call naming a member Properties does not have) is an answer, not a fault. Found by CI."""
+
+    async def send() -> None:
+        b = await MessageBus(bus_address=bus.address).connect()
+        call = Message(
+            destination=NAME,
+            path=LLM_PATH,
+            interface=PROPS,
+            member="PromptStream",
+            signature="sa{sv}",
+            body=["x", {}],
+            flags=MessageFlag.NO_REPLY_EXPECTED,
+        )
+        await b.send(call)
+        await asyncio.sleep(0.3)
+        b.disconnect()
+
+    before = len(daemon.log)
+    asyncio.run(send())
+    time.sleep(0.2)
+    assert not [line for line in daemon.log[before:] if "Traceback" in line], daemon.log[before:]
