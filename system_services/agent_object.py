@@ -18,6 +18,7 @@ from agents.catalog import DEFAULT_AGENT
 from agents.tools import ToolManifest, ToolManifestError
 from llmos.errors import LlmosError
 from system_services.agent_run import AgentRun, parse_run_options
+from system_services.bus_driver import name_has_owner
 from system_services.caller import current_sender
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.options import handle_token_ok
@@ -59,7 +60,8 @@ class AgentObject(ServiceInterface):
             names = self.daemon.tools.register(sender, caller.app_id, path, parsed)
         except ToolManifestError as e:
             raise to_dbus_error(e) from None
-        if not await self.daemon.on_bus(sender):  # it left while we asked who it is: nobody serves these
+        # it left while we asked who it is: nobody serves these
+        if not await name_has_owner(self.daemon.bus, sender):
             self.daemon.tools.unregister(sender)
             raise error("NotFound", "the caller left the bus")
         log.info("%s registered tools %s at %s", caller.app_id, ", ".join(names), path)

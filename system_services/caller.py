@@ -16,6 +16,8 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
+from system_services.bus_driver import driver_call
+
 current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("llmos_call", default=None)
 
 _FLATPAK_SCOPE = re.compile(r"app-flatpak-([A-Za-z0-9_.\-]+?)-\d+\.scope")
@@ -85,16 +87,7 @@ def app_id_for_pid(pid: int | None) -> str:
 
 async def identify(bus: Any, sender: str) -> Caller:
     """Ask the bus for the sender's credentials (GetConnectionCredentials) and derive its app id."""
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="GetConnectionCredentials",
-            signature="s",
-            body=[sender],
-        )
-    )
+    reply = await bus.call(driver_call("GetConnectionCredentials", "s", [sender]))
     creds = reply.body[0] if reply.message_type == MessageType.METHOD_RETURN and reply.body else {}
     uid = creds["UnixUserID"].value if "UnixUserID" in creds else None
     pid = creds["ProcessID"].value if "ProcessID" in creds else None

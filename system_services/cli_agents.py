@@ -29,6 +29,7 @@ from dbus_fast import Message, MessageType, Variant
 
 from llmos.errors import LlmosError
 from system_services import cli_service
+from system_services.bus_driver import driver_call
 from system_services.client import AsyncLLMClient, LLMClient, ServiceError
 
 PROG = "llmosctl"
@@ -337,14 +338,7 @@ async def run_task(
 
 
 async def _add_match(agent: AsyncLLMClient, rule: str) -> None:
-    msg = Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member="AddMatch",
-        signature="s",
-        body=[rule],
-    )
+    msg = driver_call("AddMatch", "s", [rule])
     try:
         reply = await agent.bus.call(msg)
     except (OSError, EOFError) as e:

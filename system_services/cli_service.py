@@ -13,9 +13,10 @@ import contextlib
 import sys
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType
+from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
+from system_services.bus_driver import name_has_owner
 from system_services.client import LLMClient, ServiceError
 
 BUS_NAME = "org.llmos.LLM1"
@@ -35,17 +36,7 @@ async def _has_service(bus_type: BusType) -> bool:
     except Exception:  # no such bus here
         return False
     try:
-        reply = await bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="NameHasOwner",
-                signature="s",
-                body=[BUS_NAME],
-            )
-        )
-        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
+        return await name_has_owner(bus, BUS_NAME)
     finally:
         bus.disconnect()
 

@@ -43,6 +43,7 @@ from llmos.paths import SYSTEM_MODEL_DIR, state_dir
 from llmos.tokenizer import Tokenizer
 from system_services.agent_object import PATH as AGENT_PATH
 from system_services.agent_object import AgentObject
+from system_services.bus_driver import driver_call
 from system_services.caller import Caller, identify, install_caller_tracking
 from system_services.config import ConfigError, DaemonConfig
 from system_services.dbus_errors import error
@@ -132,20 +133,6 @@ class Daemon:
         daemon's own user (on the session bus: the user whose apps they all are). An app id is not per
         user (two users' copies of one app share it), so there is no "own row" to show anyone else."""
         return viewer.uid in (0, os.getuid())
-
-    async def on_bus(self, name: str) -> bool:
-        """Whether a unique name is still connected (NameHasOwner)."""
-        reply = await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="NameHasOwner",
-                signature="s",
-                body=[name],
-            )
-        )
-        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body and reply.body[0])
 
     def policy(self, app_id: str) -> AppPolicy:
         return self.config.policies.for_app(app_id)
@@ -332,13 +319,8 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
         return 1
     daemon.watch_owners()
     await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
+        driver_call(
+            "AddMatch", "s", ["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"]
         )
     )
     try:

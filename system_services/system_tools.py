@@ -20,13 +20,13 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from agents.tools import Tool, ToolSpec, argument_problems
+from system_services.bus_driver import driver_call
 
 SYSTEM_OWNER = "llmosd"
 SYSTEM_APP_ID = "llmos"
 SYSTEM_TOOL_NAMES = ("current_time", "battery_status", "send_notification")
 CALL_TIMEOUT_S = 5.0
 
-DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UPOWER = "org.freedesktop.UPower"
 UPOWER_PATH = "/org/freedesktop/UPower"
@@ -175,10 +175,10 @@ class SystemTools:
         """None if `name` has an owner, or the bus would start one on the first call (notification
         servers such as dunst or mako are often D-Bus activated, so "not running yet" is not "absent")."""
         try:
-            (owned,) = await self._call(bus, _dbus_call("NameHasOwner", "s", [name]), f"the {where}")
+            (owned,) = await self._call(bus, driver_call("NameHasOwner", "s", [name]), f"the {where}")
             if owned:
                 return None
-            (activatable,) = await self._call(bus, _dbus_call("ListActivatableNames", "", []), f"the {where}")
+            (activatable,) = await self._call(bus, driver_call("ListActivatableNames"), f"the {where}")
         except _CallFailed as e:
             raise _CallFailed(f"cannot tell whether {what} runs: {e}") from None
         if name in activatable:
@@ -301,13 +301,6 @@ def check_arguments(schema: dict[str, Any], value: Any) -> str | None:
             except UnicodeEncodeError:
                 return f"{key!r} must not contain unpaired surrogates"
     return None
-
-
-def _dbus_call(member: str, signature: str, body: list[Any]) -> Message:
-    dest, path, iface = DBUS
-    return Message(
-        destination=dest, path=path, interface=iface, member=member, signature=signature, body=body
-    )
 
 
 def _properties_call(path: str, member: str, signature: str, body: list[Any]) -> Message:
