@@ -17,7 +17,7 @@ from typing import Any
 import llguidance as llg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmos.errors import LlmosError
+from llmos.errors import LlmosError, validation_problems
 
 MAX_MANIFEST_CHARS = 256 * 1024
 MAX_TOOLS = 64  # per manifest, and per connection
@@ -127,8 +127,7 @@ class ToolManifest(BaseModel):
         except json.JSONDecodeError as e:
             raise ToolManifestError(f"the manifest is not JSON: {e}") from None
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            raise ToolManifestError(f"invalid manifest: {problems}") from None
+            raise ToolManifestError(f"invalid manifest: {validation_problems(e, 'manifest')}") from None
         names = [t.name for t in manifest.tools]
         if len(set(names)) != len(names):
             raise ToolManifestError("the manifest names a tool twice")

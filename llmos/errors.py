@@ -6,6 +6,16 @@ can map it to an `org.llmos.Error.*` name without parsing strings and nobody see
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+def validation_problems(e: ValidationError, root: str) -> str:
+    """Every problem pydantic found, as "where: what"; `root` names a problem of the whole object."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or root}: {err['msg']}" for err in e.errors())
+
 
 class LlmosError(Exception):
     """Base of every error llmos raises on purpose."""

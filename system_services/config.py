@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from llmos.arbiter.policy import AppPolicy, ArbiterConfig, PolicyTable
-from llmos.errors import LlmosError
+from llmos.errors import LlmosError, validation_problems
 from system_services.system_tools import SYSTEM_TOOL_NAMES
 
 DEFAULT_CONFIG = Path("/etc/llmos/llmosd.toml")
@@ -107,7 +107,5 @@ class DaemonConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-            )
+            problems = validation_problems(e, "configuration")
             raise ConfigError(f"{target}: invalid configuration: {problems}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmos.errors import InvalidSamplingError
+from llmos.errors import InvalidSamplingError, validation_problems
 
 MAX_STOP_STRINGS = 16
 
@@ -44,9 +44,7 @@ class SamplingParams(BaseModel):
         try:
             return cls(**options)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors()
-            )
+            problems = validation_problems(e, "options")
             raise InvalidSamplingError(f"invalid generation options: {problems}") from None
 
     @property
