@@ -48,10 +48,12 @@ class Step:
                 d["cut"] = True
         else:
             d["text"] = self.text
+        text = json.dumps(d, ensure_ascii=False)
         try:
-            return json.dumps(d, ensure_ascii=False).encode("utf-8").decode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a tool: escaped, D-Bus carries only UTF-8
             return json.dumps(d)
+        return text
 
 
 async def run_agent(
@@ -74,6 +76,7 @@ async def run_agent(
         {"role": "user", "content": goal},
     ]
     answer_chars = max(8, min(ANSWER_CHARS, (max_step_tokens - 16) * 3))
+    template_tools = fmt.template_tools(tools)  # the same every step
     made: set[str] = set()  # each call made: tool and arguments, as JSON
     must_answer = False
     number = 0  # steps shown; a repeated call is not one
@@ -91,7 +94,7 @@ async def run_agent(
             messages,
             spec.json_schema if constrained else None,
             grammar=spec.grammar if constrained else None,
-            tools=fmt.template_tools(tools),
+            tools=template_tools,
         )
         number += 1
         if getattr(text, "finish_reason", "stop") in ("length", "context"):

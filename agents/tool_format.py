@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agents.structured_output import JSON_STYLE
 from agents.tools import Tool
 from llmos.chat_template import ChatTemplate
 
@@ -190,10 +191,7 @@ class HermesToolCalls:
             calls = [_call_schema(t, "name") for t in tools]
             schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
             # compact JSON, as in the template's own example (free whitespace lets a small model wander)
-            schema = {
-                **schema,
-                "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
-            }
+            schema = {**schema, "x-guidance": JSON_STYLE}
             rules.append(f"call: {json.dumps(self.OPEN)} body {json.dumps(self.CLOSE)}")
             rules.append(f"body: %json {json.dumps(schema)}")
         if allow_answer or not rules:

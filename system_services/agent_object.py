@@ -21,7 +21,6 @@ from system_services.agent_run import AgentRun, parse_run_options
 from system_services.bus_driver import name_has_owner
 from system_services.caller import current_sender
 from system_services.dbus_errors import error, to_dbus_error
-from system_services.options import handle_token_ok
 from system_services.system_tools import SYSTEM_TOOL_NAMES
 from system_services.task_object import TaskObject, task_path
 
@@ -103,21 +102,16 @@ class AgentObject(ServiceInterface):
             raise error("InvalidArgument", "the goal is empty")
         if len(goal) > MAX_GOAL_CHARS:
             raise error("InvalidArgument", f"the goal is over {MAX_GOAL_CHARS} characters")
-        token = options.pop("handle_token", None)
-        if token is None:
-            token = f"t{next(_numbers)}"
-        elif token.signature != "s" or not handle_token_ok(token.value):
-            raise error("InvalidArgument", "handle_token must be 1-64 characters of A-Z, a-z, 0-9 and _")
-        else:
-            token = token.value
         agent_name = options.pop("agent", Variant("s", DEFAULT_AGENT))
         if agent_name.signature != "s":
             raise error("InvalidArgument", "option 'agent' must be of D-Bus type 's'")
         settings = parse_run_options(options, self.daemon.config.limits)
+        token = settings.request.handle_token or f"t{next(_numbers)}"
         caller = await self.daemon.caller(sender)
-        allowed = self.daemon.allowed_system_tools(caller.app_id)
-        if denied := sorted(set(settings.system_tools or ()) - set(allowed)):
-            raise error("AccessDenied", f"the policy for {caller.app_id} does not allow {', '.join(denied)}")
+        try:
+            self.daemon.check_system_tools(caller.app_id, settings.system_tools)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
         path = task_path(sender, token)
         if path in self._starting or any(o.path == path for o in self.daemon.ownership.owned_by(sender)):
             raise error("InvalidArgument", f"handle_token {token!r} is already in use by a running task")

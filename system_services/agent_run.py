@@ -1,7 +1,7 @@
 """One run of an agent inside the daemon: the agent's steps with the model and the tools wired in.
 
 Shared by the two ways a run starts: a caller's `Run` (task_object.py, which sends the steps to the
-caller) and a scheduled job (job_scheduler.py, which keeps them). Generations go through the arbiter at
+caller) and a scheduled job (scheduled_agents.py, which keeps them). Generations go through the arbiter at
 the run's priority and are cancelled with the run; tool calls go to the providing app (bounded by a
 timeout) or to the built-in system tools; a `confirm` tool runs only after the approver says yes.
 """
@@ -105,10 +105,12 @@ class RunSettings:
 
 
 def parse_run_options(options: dict[str, Variant], limits: Any, *, scheduled: bool = False) -> RunSettings:
-    """A run's a{sv} options (without handle_token), checked: InvalidArgument names what is wrong.
-    A scheduled run has no caller on the bus to approve anything, so no approver."""
+    """A run's a{sv} options (and the `agent` it names, taken out by the caller), checked:
+    InvalidArgument names what is wrong. A scheduled run has no caller on the bus to approve anything,
+    so no approver, nor a handle_token."""
     options = dict(options)
-    accepted = sorted((set(RUN_KEYS) | SAMPLING_KEYS) - ({"approver"} if scheduled else set()))
+    sampling = SAMPLING_KEYS if scheduled else SAMPLING_KEYS | {"handle_token"}
+    accepted = sorted(set(RUN_KEYS) | sampling)
     if unknown := sorted(set(options) - set(accepted)):
         raise error(
             "InvalidArgument", f"unknown option {unknown[0]!r} (accepted here: {', '.join(accepted)})"
@@ -123,7 +125,7 @@ def parse_run_options(options: dict[str, Variant], limits: Any, *, scheduled: bo
         options,
         default_max_tokens=limits.default_max_tokens,
         max_tokens_limit=limits.max_tokens,
-        allowed=SAMPLING_KEYS,
+        allowed=sampling,
     )
     settings = RunSettings(request, **{k: v.value for k, v in own.items()})
     if not 1 <= settings.max_steps <= MAX_STEPS:
@@ -154,6 +156,7 @@ class AgentRun:
         self.daemon, self.agent, self.goal, self.tools = daemon, agent, goal, tools
         self.settings, self.app_id, self.owner = settings, app_id, owner
         self._job: Job | None = None  # the generation in flight, cancelled with the run
+        self._specials = special_texts(daemon.model.tokenizer)  # markup text that must stay plain
 
     def steps(self) -> AsyncIterator[Step]:
         s = self.settings
@@ -215,7 +218,9 @@ class AgentRun:
         tokens than the caller gave each step. With `tools`, the model's chat template renders them."""
         d = self.daemon
         prompt: Any = [
-            m if m.get("role") in ("system", "assistant") else {**m, "content": self._as_text(m["content"])}
+            m
+            if m.get("role") in ("system", "assistant")
+            else {**m, "content": plain_text(m["content"], self._specials)}
             for m in messages
         ]
         if tools is not None and d.model.chat_template is not None:  # rendered here: the tools go in
@@ -239,9 +244,6 @@ class AgentRun:
         finally:
             self._job = None
         return Reply(result.text, FinishReason(result.finish_reason).value)
-
-    def _as_text(self, content: str) -> str:
-        return plain_text(content, special_texts(self.daemon.model.tokenizer))
 
     async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,

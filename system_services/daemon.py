@@ -62,6 +62,10 @@ BUS_NAME = "org.llmos.LLM1"
 log = logging.getLogger("llmosd")
 
 
+class SystemToolDeniedError(LlmosError):
+    dbus_name = "AccessDenied"
+
+
 class CallInFlight:
     """A running Generate or Prompt call, owned like an object so that its caller leaving cancels it."""
 
@@ -144,6 +148,11 @@ class Daemon:
     def allowed_system_tools(self, app_id: str) -> list[str]:
         allowed = self.policy(app_id).system_tools
         return list(SYSTEM_TOOL_NAMES if allowed is None else allowed)
+
+    def check_system_tools(self, app_id: str, wanted: list[str] | None) -> None:
+        """A run (now or scheduled) may ask only for system tools its app's policy allows."""
+        if denied := sorted(set(wanted or ()) - set(self.allowed_system_tools(app_id))):
+            raise SystemToolDeniedError(f"the policy for {app_id} does not allow {', '.join(denied)}")
 
     async def usable_tools(
         self, runners: set[str], app_id: str, system: list[str] | None = None

@@ -59,7 +59,7 @@ def parse_options(
         if sig not in sigs:
             raise error("InvalidArgument", f"option {key!r} must be {what}, not of D-Bus type {sig!r}")
         values[key] = var.value
-    if "handle_token" in values and not handle_token_ok(values["handle_token"]):
+    if "handle_token" in values and not _token_ok(values["handle_token"]):
         raise error("InvalidArgument", "handle_token must be 1-64 characters of A-Z, a-z, 0-9 and _")
     priority = values.get("priority", "normal")
     if priority not in PRIORITIES:
@@ -84,5 +84,5 @@ def parse_options(
     return RequestOptions(params, values.get("system_prompt"), values.get("handle_token"), priority, schema)
 
 
-def handle_token_ok(token: str) -> bool:
+def _token_ok(token: str) -> bool:
     return 0 < len(token) <= 64 and all(c.isascii() and (c.isalnum() or c == "_") for c in token)

@@ -54,10 +54,6 @@ class JobNotFoundError(LlmosError):
     dbus_name = "NotFound"
 
 
-class JobAccessError(LlmosError):
-    dbus_name = "AccessDenied"
-
-
 class JobQuotaError(LlmosError):
     dbus_name = "QuotaExceeded"
 
@@ -214,9 +210,7 @@ class ScheduledAgents:
         self.daemon.agents.get(agent)  # UnknownAgentError (NotFound) now, not at the first run
         trig, described = parse_trigger(trigger, self.config.min_interval_s)
         settings = parse_run_options(options, self.daemon.config.limits, scheduled=True)  # kept as JSON
-        allowed = self.daemon.allowed_system_tools(caller.app_id)
-        if denied := sorted(set(settings.system_tools or ()) - set(allowed)):
-            raise JobAccessError(f"the policy for {caller.app_id} does not allow {', '.join(denied)}")
+        self.daemon.check_system_tools(caller.app_id, settings.system_tools)
         if len(self.book.owned(caller.uid, caller.app_id)) >= self.config.max_per_app:
             raise JobQuotaError(f"{caller.app_id} already has {self.config.max_per_app} scheduled jobs")
         plain = {k: v.value for k, v in options.items()}
