@@ -97,6 +97,11 @@ class Daemon:
             self.proc.terminate()
         return self.proc.wait(timeout=30)
 
+    def stop_cleanly(self) -> None:
+        """Stop it and check it ended well: exit 0, and no traceback anywhere in its log."""
+        assert self.stop() == 0, "\n".join(self.log)
+        assert not [line for line in self.log if "Traceback" in line], "\n".join(self.log)
+
 
 def tiny_store(tmp: Path, context_length: int = 1024) -> Path:
     """A model store in `tmp` whose default model is a tiny random-weight Q4_1 llama ("tiny")."""

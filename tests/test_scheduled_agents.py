@@ -189,11 +189,6 @@ def setup(tmp_path: Path) -> Iterator[tuple[PrivateBus, Path, list[str]]]:
     bus.stop()
 
 
-def stop_cleanly(d: Daemon) -> None:
-    assert d.stop() == 0
-    assert not [line for line in d.log if "Traceback" in line], d.log
-
-
 def test_a_scheduled_job_survives_a_daemon_restart_and_runs(
     setup: tuple[PrivateBus, Path, list[str]], tmp_path: Path
 ) -> None:
@@ -208,7 +203,7 @@ def test_a_scheduled_job_survives_a_daemon_restart_and_runs(
     (listed,) = client(bus.address, "jobs", app=notes)["jobs"]
     assert listed["id"] == job and listed["trigger"] == {"date": due.isoformat()}
     assert datetime.fromisoformat(listed["next_run"]) == due and listed["runs_kept"] == 0
-    stop_cleanly(d)  # before it is due
+    d.stop_cleanly()  # before it is due
     db = tmp_path / "state" / "jobs" / "jobs.sqlite"
     assert db.stat().st_mode & 0o777 == 0o600  # the apps' inputs and results are private
     with sqlite3.connect(db) as kept:
@@ -231,7 +226,7 @@ def test_a_scheduled_job_survives_a_daemon_restart_and_runs(
         assert listed["next_run"] is None and listed["runs_kept"] == 1  # a one-off: done, kept
         assert listed["last"]["answer"] == result["answer"]
     finally:
-        stop_cleanly(d)
+        d.stop_cleanly()
 
 
 def test_jobs_belong_to_their_app(setup: tuple[PrivateBus, Path, list[str]], tmp_path: Path) -> None:
@@ -250,7 +245,7 @@ def test_jobs_belong_to_their_app(setup: tuple[PrivateBus, Path, list[str]], tmp
         assert client(bus.address, "jobs", app=notes)["jobs"] == []
         assert client(bus.address, "job-results", job, app=notes)["error"] == "org.llmos.Error.NotFound"
     finally:
-        stop_cleanly(d)
+        d.stop_cleanly()
 
 
 def test_a_repeating_job_tells_its_app_each_time_and_keeps_the_last_results(
@@ -274,7 +269,7 @@ def test_a_repeating_job_tells_its_app_each_time_and_keeps_the_last_results(
         # cancelled: no results are left behind, and nothing more runs
         assert client(bus.address, "jobs", app=notes)["jobs"] == []
     finally:
-        stop_cleanly(d)
+        d.stop_cleanly()
 
 
 def test_scheduling_mistakes_get_named_errors(
@@ -309,7 +304,7 @@ def test_scheduling_mistakes_get_named_errors(
         assert out["error"] == "org.llmos.Error.QuotaExceeded" and "3 scheduled jobs" in out["message"]
         assert len(client(bus.address, "jobs", app=notes)["jobs"]) == 3  # the refused one left nothing
     finally:
-        stop_cleanly(d)
+        d.stop_cleanly()
 
 
 def test_a_run_cut_short_by_the_daemon_stopping_is_recorded_as_such(
@@ -327,7 +322,7 @@ def test_a_run_cut_short_by_the_daemon_stopping_is_recorded_as_such(
         return client(bus.address, "status")["active_requests"] > 0
 
     assert wait_until(running, timeout=60)  # a run is generating now
-    stop_cleanly(d)  # no traceback, exit 0, though a run was in flight
+    d.stop_cleanly()  # no traceback, exit 0, though a run was in flight
     d = Daemon(bus.address, store, *args)
     try:
         results = client(bus.address, "job-results", job, app=notes)["results"]
@@ -336,4 +331,4 @@ def test_a_run_cut_short_by_the_daemon_stopping_is_recorded_as_such(
         assert cut[-1]["error_message"] == "the daemon stopped during the run"
         client(bus.address, "cancel-job", job, app=notes)
     finally:
-        stop_cleanly(d)
+        d.stop_cleanly()

@@ -137,8 +137,7 @@ def test_a_run_on_a_model_with_its_own_format_calls_tools_in_it(tmp_path: Path) 
         assert out["calls"] == [{"tool": "get_weather", "arguments": first["arguments"]}]
         assert out["steps"][-1]["answer"] == out["result"]["answer"]
     finally:
-        assert daemon.stop() == 0
-        assert not [line for line in daemon.log if "Traceback" in line], daemon.log
+        daemon.stop_cleanly()
         bus.stop()
 
 
