@@ -23,8 +23,9 @@ imports it again.
   process verified is not read again while its inode, size, mtime and ctime are those it had when it was
   read: any write, truncation, rename over it or chmod changes its ctime, which no unprivileged process
   can set back (`touch` sets mtime, and doing so moves ctime). A damaged file is read, and refused, at
-  the next load; an untouched model reloads for a few `stat` calls. A new process (a daemon restart,
-  the CLI) reads every file again.
+  the next load; an untouched model reloads for a few `stat` calls, and a file already found damaged
+  and untouched since is refused at once, before onnxruntime starts (requests retrying a damaged model
+  cost no load each). A new process (a daemon restart, the CLI) reads every file again.
 - **What it protects against**: damage (disk, copy, an interrupted edit) and any change made since the
   import that did not also rewrite the manifest. It is not a signature: whoever can write the manifest
   can write matching digests, which is why the system store belongs to the `llmos` user. A file changed
@@ -51,7 +52,7 @@ log = logging.getLogger("llmos.integrity")
 CHUNK = 1 << 20
 _warned: set[Path] = set()
 _warned_lock = threading.Lock()
-# file → (its stat identity when it was read, its sha256): what this process has verified
+# file → (its stat identity when it was read, its sha256): what this process has read, matching or not
 _verified: dict[Path, tuple[tuple[int, ...], str]] = {}
 _verified_lock = threading.Lock()
 
@@ -113,7 +114,7 @@ class ModelCheck:
         earlier in this process and unchanged since (same inode, size, mtime and ctime) are not read."""
         check = cls(directory, manifest)
         check._check_present()
-        check.hashed = [n for n in manifest.files if not check._unchanged_since_verified(n)]
+        check.hashed = [n for n in manifest.files if not check._unchanged_since_read(n)]
         later = [n for n in check.hashed if n == manifest.weights_file]
         for name in check.hashed:
             if name not in later:
@@ -130,10 +131,15 @@ class ModelCheck:
                 raise self._unreadable(name, e) from None
             self._compare(name, digest)
 
-    def _unchanged_since_verified(self, name: str) -> bool:
-        key = (self.directory / name).absolute()
+    def _unchanged_since_read(self, name: str) -> bool:
+        """Whether this process read the file as it is now; if it did and the file did not match, the
+        answer is the same refusal at once (a request retrying a damaged model costs no load)."""
         with _verified_lock:
-            return _verified.get(key) == (self._identity[name], self.manifest.files[name].sha256)
+            seen = _verified.get((self.directory / name).absolute())
+        if seen is None or seen[0] != self._identity[name]:
+            return False
+        self._compare(name, seen[1])
+        return True
 
     def _hash(self, name: str) -> str:
         try:
@@ -142,13 +148,13 @@ class ModelCheck:
             raise self._unreadable(name, e) from None
 
     def _compare(self, name: str, digest: str) -> None:
+        with _verified_lock:  # with its stat from before the read: a change during the read shows next time
+            _verified[(self.directory / name).absolute()] = (self._identity[name], digest)
         if digest != self.manifest.files[name].sha256:
             raise ModelCorruptError(
                 f"{self.directory / name} does not match its digest from import (damaged or changed "
                 f"since); re-import it: {self._fix()}"
             )
-        with _verified_lock:  # with its stat from before the read: a change during the read shows next time
-            _verified[(self.directory / name).absolute()] = (self._identity[name], digest)
 
     def _check_present(self) -> None:
         m, d = self.manifest, self.directory

@@ -126,6 +126,9 @@ def test_a_reload_reads_only_what_changed_and_a_write_with_its_mtime_put_back_is
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # hide the write from mtime
     assert weights.stat().st_mtime_ns == before.st_mtime_ns
     assert refused(d).startswith(f"{weights} does not match its digest from import")
+    # the next attempt is refused when the check starts, before onnxruntime: a retry costs no load
+    with pytest.raises(ModelCorruptError, match=r"model\.onnx\.data does not match its digest"):
+        ModelCheck.start(d, m)
 
 
 def test_a_changed_tokenizer_is_refused_naming_it(store: Path) -> None:
