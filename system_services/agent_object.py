@@ -102,6 +102,7 @@ class AgentObject(ServiceInterface):
             raise error("InvalidArgument", "the goal is empty")
         if len(goal) > MAX_GOAL_CHARS:
             raise error("InvalidArgument", f"the goal is over {MAX_GOAL_CHARS} characters")
+        self.daemon.check_text(goal, "the goal")  # and it must be able to fit the context
         agent_name = options.pop("agent", Variant("s", DEFAULT_AGENT))
         if agent_name.signature != "s":
             raise error("InvalidArgument", "option 'agent' must be of D-Bus type 's'")
@@ -120,7 +121,9 @@ class AgentObject(ServiceInterface):
             agent = self.daemon.agents.get(agent_name.value)
             usable = await self.daemon.usable_tools({sender}, caller.app_id, settings.system_tools)
             tools = agent.select_tools(usable)
-            run = AgentRun(self.daemon, agent, goal, tools, settings, app_id=caller.app_id, owner=sender)
+            run = AgentRun(
+                self.daemon, agent, goal, tools, settings, app_id=caller.app_id, uid=caller.uid, owner=sender
+            )
             TaskObject(self.daemon, path, run).start()
         except LlmosError as e:
             raise to_dbus_error(e) from None

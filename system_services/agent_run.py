@@ -151,10 +151,11 @@ class AgentRun:
         settings: RunSettings,
         *,
         app_id: str,
+        uid: int | None,  # the user running the app: its generations count against (app, user) quotas
         owner: str | None,  # the connection that started it; None for a scheduled run
     ) -> None:
         self.daemon, self.agent, self.goal, self.tools = daemon, agent, goal, tools
-        self.settings, self.app_id, self.owner = settings, app_id, owner
+        self.settings, self.app_id, self.uid, self.owner = settings, app_id, uid, owner
         self._job: Job | None = None  # the generation in flight, cancelled with the run
         self._specials = special_texts(daemon.model.tokenizer)  # markup text that must stay plain
 
@@ -234,7 +235,7 @@ class AgentRun:
             merged = {**request.params.model_dump(), **sampling}
             merged["max_tokens"] = min(merged["max_tokens"], request.params.max_tokens)
             request = replace(request, params=SamplingParams.of(**merged))
-        job = d.job(prompt, replace(request, json_schema=schema), self.app_id)
+        job = d.job(prompt, replace(request, json_schema=schema), (self.app_id, self.uid))
         self._job = job
         try:
             if self.owner is None:

@@ -31,12 +31,13 @@ from agents.catalog import AgentCatalog
 from agents.tool_format import tool_format_for
 from agents.tools import Tool, ToolRegistry
 from llmos.arbiter.arbiter import Arbiter
-from llmos.arbiter.policy import AppPolicy, Priority
+from llmos.arbiter.policy import Account, AppPolicy, Priority
 from llmos.arbiter.pressure import PressureMonitor
 from llmos.arbiter.swap_store import SwapStore
 from llmos.chat_template import ChatTemplate
-from llmos.engine.llm_engine import LLMEngine, Prompt
+from llmos.engine.llm_engine import LLMEngine, Prompt, encode_prompt
 from llmos.errors import LlmosError
+from llmos.input_bounds import InputBounds
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
 from llmos.paths import SYSTEM_MODEL_DIR, state_dir
@@ -46,7 +47,7 @@ from system_services.agent_object import AgentObject
 from system_services.bus_driver import driver_call
 from system_services.caller import Caller, identify, install_caller_tracking
 from system_services.config import ConfigError, DaemonConfig
-from system_services.dbus_errors import error
+from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.llm_object import PATH, LLMObject
 from system_services.notify import sd_notify, watchdog_interval
@@ -105,7 +106,9 @@ class Daemon:
     ) -> None:
         self.config, self.arbiter, self.model, self.bus = config, arbiter, model, bus
         self.config_path, self.store_root, self.on_system_bus = config_path, store_root, on_system_bus
-        self.worker = EngineWorker(arbiter, asyncio.get_running_loop())
+        self.worker = EngineWorker(arbiter, asyncio.get_running_loop(), encode=self.encode_prompt)
+        # what any text from a caller or a tool may be, checked before any work on it
+        self.bounds = InputBounds(model.context_length, model.tokenizer.max_token_bytes)
         self.ownership = Ownership()
         self.sessions: dict[str, SessionObject] = {}
         self.tools = ToolRegistry()  # tools apps provide, by provider connection
@@ -168,11 +171,38 @@ class Daemon:
         """The class a request runs at: what it asks for, capped by its app's policy."""
         return min(Priority.parse(requested), self.policy(app_id).priority_cap)
 
-    def job(self, prompt: Prompt, opts: RequestOptions, app_id: str, session_key: str | None = None) -> Job:
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt with the served model's tokenizer and template (loaded or not)."""
+        return encode_prompt(self.model.tokenizer, self.model.chat_template, prompt)
+
+    def check_text(self, text: str, what: str) -> int:
+        """`text`'s size if it may fit the context, else org.llmos.Error.ContextOverflow (InvalidArgument
+        over the hard cap) naming the limit: before any work proportional to its size."""
+        try:
+            return self.bounds.check_text(text, what)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+
+    def job(
+        self, prompt: Prompt, opts: RequestOptions, account: Account, session_key: str | None = None
+    ) -> Job:
+        """A request for the worker, its prompt bounded by size first (a named error if it cannot fit)."""
+        try:
+            if isinstance(prompt, str):
+                size = self.bounds.check_text(prompt, "the prompt")
+            elif all(isinstance(m, dict) for m in prompt):
+                size = self.bounds.check_messages(prompt)  # type: ignore[arg-type]
+            else:  # token ids: the daemon's own
+                size = 0
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+        app_id, uid = account
         return Job(
+            prompt_bytes=size,
             prompt=prompt,
             params=opts.params,
             app_id=app_id,
+            uid=uid,
             priority=self.priority(app_id, opts.priority),
             policy=self.policy(app_id),
             session_key=session_key,
@@ -180,14 +210,20 @@ class Daemon:
             grammar=opts.grammar,
         )
 
-    def check_session_quota(self, owner: str, app_id: str | None = None) -> None:
+    def check_session_quota(self, owner: str, account: Account | None = None) -> None:
+        """Sessions per connection, and per account: an app's limit counts that user's sessions only
+        (another user running the same app has a limit of their own)."""
         limit = self.config.limits.sessions_per_connection
         if self.ownership.count(owner, SessionObject) >= limit:
             raise error("QuotaExceeded", f"this connection already has {limit} sessions; close one first")
-        if app_id is not None:
+        if account is not None:
+            app_id, uid = account
             most = self.policy(app_id).max_sessions
-            if sum(1 for s in self.sessions.values() if s.app_id == app_id) >= most:
-                raise error("QuotaExceeded", f"{app_id} already has {most} sessions open; close one first")
+            if sum(1 for s in self.sessions.values() if s.account == account) >= most:
+                raise error(
+                    "QuotaExceeded",
+                    f"{app_id} already has {most} sessions open for uid {uid}; close one first",
+                )
 
     def add_session(self, session: SessionObject) -> None:
         self.bus.export(session.path, session)

@@ -293,7 +293,9 @@ class ScheduledAgents:
             err = to_dbus_error(e)
             outcome = RunOutcome.failed(0, err.type, err.text)
         else:
-            run = AgentRun(d, agent, row["input"], tools, settings, app_id=row["app_id"], owner=None)
+            run = AgentRun(
+                d, agent, row["input"], tools, settings, app_id=row["app_id"], uid=row["uid"], owner=None
+            )
             outcome = await run.execute(lambda step: steps.append(kept_step(step)))
         if self.book.get(job_id) is None:
             return  # cancelled while it ran: nothing to keep

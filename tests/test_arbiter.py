@@ -161,7 +161,7 @@ def test_two_flooding_apps_share_tokens_evenly(model_dir: Path, tmp_path: Path) 
     for _ in range(400):
         top_up()
         arb.step()
-    tokens = {app: arb.usage[app].tokens for app in ("a", "b")}
+    tokens = {app: arb.usage[(app, None)].tokens for app in ("a", "b")}
     assert abs(tokens["a"] - tokens["b"]) / max(tokens.values()) < 0.2, tokens
 
 

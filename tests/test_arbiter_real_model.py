@@ -309,7 +309,7 @@ def _kept_and_swapped(
     ids, kv = list(parked.ids), parked.kv.copy()
     assert arb.swap_out_idle() == 1  # int8, to a swap file; nothing of it stays in memory
     assert parked.kv is None and arb.snapshot()["kv_swapped_bytes"] > 0
-    arb.kv.park("kept", "app", ids, kv)  # the same session's KV, never swapped
+    arb.kv.park("kept", ("app", None), ids, kv)  # the same session's KV, never swapped
     messages += [
         {"role": "assistant", "content": first.seq.detok.text},
         {"role": "user", "content": conv.followup},

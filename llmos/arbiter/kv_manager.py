@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmos.arbiter.kv_codec import CompressedKV, compress, decompress
+from llmos.arbiter.policy import Account
 from llmos.arbiter.swap_store import SwapStore
 from llmos.engine.kv_cache import KVCache
 from llmos.errors import SwapFileError
@@ -31,7 +32,7 @@ log = logging.getLogger("llmos.kv")
 @dataclass(eq=False)
 class ParkedKV:
     key: str
-    app_id: str
+    account: Account  # (app id, uid) whose KV this is
     ids: list[int]  # the tokens whose keys/values this holds
     kv: np.ndarray | None  # [layers, 2, kv_heads, len(ids), head_dim] while in memory
     swappable: bool = True  # a preempted request's KV stays in memory: it resumes soon
@@ -71,10 +72,12 @@ class KVManager:
         self.recomputed = 0  # swap files found missing or corrupt
         self._files = 0
 
-    def park(self, key: str, app_id: str, ids: list[int], kv: np.ndarray, swappable: bool = True) -> None:
+    def park(
+        self, key: str, account: Account, ids: list[int], kv: np.ndarray, swappable: bool = True
+    ) -> None:
         self.drop(key)
         self._files += 1
-        self.parked[key] = ParkedKV(key, app_id, list(ids), kv, swappable, file_key=f"kv-{self._files}")
+        self.parked[key] = ParkedKV(key, account, list(ids), kv, swappable, file_key=f"kv-{self._files}")
         log.debug("parked %s: %d tokens", key, len(ids))
 
     def has(self, key: str) -> bool:
@@ -142,9 +145,10 @@ class KVManager:
         return sum(self.swap_out(e) for e in list(self.parked.values()))
 
     def by_app(self) -> dict[str, tuple[int, int]]:
-        """app id -> (bytes in memory, bytes on disk) of its parked KV."""
+        """app id -> (bytes in memory, bytes on disk) of its parked KV, all its users together."""
         out: dict[str, tuple[int, int]] = {}
         for e in self.parked.values():
-            mem, disk = out.get(e.app_id, (0, 0))
-            out[e.app_id] = (mem + e.resident_bytes, disk + (e.disk_bytes if e.kv is None else 0))
+            app = e.account[0]
+            mem, disk = out.get(app, (0, 0))
+            out[app] = (mem + e.resident_bytes, disk + (e.disk_bytes if e.kv is None else 0))
         return out

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmos.errors import InvalidSamplingError, validation_problems
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # each is matched against the text after every token: bounded work per token
 
 
 class SamplingParams(BaseModel):
@@ -35,6 +36,8 @@ class SamplingParams(BaseModel):
                 raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
             if any(not isinstance(s, str) or not s for s in v):
                 raise ValueError("stop strings must be non-empty strings")
+            if any(len(s) > MAX_STOP_CHARS for s in v):
+                raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters")
             return tuple(v)
         return v
 
