@@ -304,7 +304,7 @@ async def run_task(
     try:
         await _add_match(agent, OWNER_WATCH)
         opts = {**options, "handle_token": Variant("s", token)}
-        await agent.call(AGENT_PATH, AGENT_IFACE, "Run", "sa{sv}", [goal, opts])
+        reply = await agent.call_reply(AGENT_PATH, AGENT_IFACE, "Run", "sa{sv}", [goal, opts])
         started.set()
         while True:
             try:
@@ -318,6 +318,8 @@ async def run_task(
                     "org.freedesktop.DBus.Error.Disconnected", "llmosd went away during the run"
                 )
             assert isinstance(event, Message)
+            if event.sender != reply.sender:  # only llmosd's own signals: any connection may send one
+                continue
             if event.member == "Step":
                 on_step(json.loads(event.body[0]))
             elif event.member == "Result":

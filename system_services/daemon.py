@@ -36,6 +36,7 @@ from llmos.arbiter.pressure import PressureMonitor
 from llmos.arbiter.swap_store import SwapStore
 from llmos.chat_template import ChatTemplate
 from llmos.engine.llm_engine import LLMEngine, Prompt, encode_prompt
+from llmos.engine.memory import release_free_heap
 from llmos.errors import LlmosError
 from llmos.input_bounds import InputBounds
 from llmos.manifest import ModelManifest
@@ -60,6 +61,7 @@ from system_services.session_object import SessionObject
 from system_services.system_tools import SYSTEM_TOOL_NAMES, SystemTools
 
 BUS_NAME = "org.llmos.LLM1"
+TRIM_AFTER_BYTES = 1 << 20  # texts this big are rare; the heap is trimmed after them
 log = logging.getLogger("llmosd")
 
 
@@ -118,6 +120,7 @@ class Daemon:
         self.scheduled: ScheduledAgents | None = None  # set once the state directory is known
         self.stopping = False
         self._callers: dict[str, Caller] = {}  # unique name -> identity, while it is on the bus
+        self._trim_pending = False
         self._started = time.monotonic()
 
     @property
@@ -178,10 +181,24 @@ class Daemon:
     def check_text(self, text: str, what: str) -> int:
         """`text`'s size if it may fit the context, else org.llmos.Error.ContextOverflow (InvalidArgument
         over the hard cap) naming the limit: before any work proportional to its size."""
+        self.trim_after(len(text))
         try:
             return self.bounds.check_text(text, what)
         except LlmosError as e:
             raise to_dbus_error(e) from None
+
+    def trim_after(self, size: int) -> None:
+        """A big message (the bus library's buffers, its text) leaves freed memory in the heap, which
+        glibc keeps in RSS: give it back once the call is answered, at most once a second."""
+        if size < TRIM_AFTER_BYTES or self._trim_pending:
+            return
+        self._trim_pending = True
+
+        def trim() -> None:
+            self._trim_pending = False
+            release_free_heap()
+
+        asyncio.get_running_loop().call_later(1.0, trim)
 
     def job(
         self, prompt: Prompt, opts: RequestOptions, account: Account, session_key: str | None = None
@@ -189,6 +206,7 @@ class Daemon:
         """A request for the worker, its prompt bounded by size first (a named error if it cannot fit)."""
         try:
             if isinstance(prompt, str):
+                self.trim_after(len(prompt))
                 size = self.bounds.check_text(prompt, "the prompt")
             elif all(isinstance(m, dict) for m in prompt):
                 size = self.bounds.check_messages(prompt)  # type: ignore[arg-type]

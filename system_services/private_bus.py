@@ -16,7 +16,7 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 
 # Subtrees whose objects each belong to one caller: never listed by introspection.
-PRIVATE_ROOTS = ("/org/llmos/LLM1/session", "/org/llmos/LLM1/request")
+PRIVATE_ROOTS = ("/org/llmos/LLM1/session", "/org/llmos/LLM1/request", "/org/llmos/Agent1/task")
 
 
 def _private(path: str) -> bool:
