@@ -102,7 +102,6 @@ class AgentObject(ServiceInterface):
             raise error("InvalidArgument", "the goal is empty")
         if len(goal) > MAX_GOAL_CHARS:
             raise error("InvalidArgument", f"the goal is over {MAX_GOAL_CHARS} characters")
-        self.daemon.check_text(goal, "the goal")  # and it must be able to fit the context
         agent_name = options.pop("agent", Variant("s", DEFAULT_AGENT))
         if agent_name.signature != "s":
             raise error("InvalidArgument", "option 'agent' must be of D-Bus type 's'")
