@@ -319,6 +319,23 @@ class Arbiter:
         while self.kv.resident_bytes() + other > self.kv.budget_bytes and self.prefix.entries:
             other -= self.prefix.evict_one()
 
+    def over_budget_bytes(self) -> int:
+        """How far KV memory is over the budget because parked KV could not be written to disk (0 while
+        swap writes work: running requests may exceed the budget by design, which is not counted)."""
+        stuck = self.kv.stuck_bytes()
+        if not stuck:
+            return 0
+        warm = self.engine.pool.warm_free_bytes() if self.engine is not None else 0
+        total = self.active_kv_bytes() + self.kv.resident_bytes() + self.prefix.nbytes() + warm
+        return min(max(0, total - self.kv.budget_bytes), stuck)
+
+    def retry_swap_out(self) -> int:
+        """Swap writes failed: try the budget again (space may have been freed) without waiting for a
+        request to end; returns the bytes still over the budget."""
+        self._enforce_budget()
+        self.publish()
+        return int(self._snapshot["kv_over_budget_bytes"])
+
     def swap_out_idle(self) -> int:
         """Memory pressure: every parked session goes to disk, free slots give their pages back and
         the prefix cache is emptied."""
@@ -363,6 +380,8 @@ class Arbiter:
             "swap_outs": self.kv.swapped_out,
             "swap_restores": self.kv.restored_from_disk,
             "swap_recomputes": self.kv.recomputed,
+            "swap_failures": self.kv.swap_failures,
+            "kv_over_budget_bytes": self.over_budget_bytes(),
             "prefix_hits": self.prefix.hits,
             "model_loads": self.loads,
             "device": self.device,
