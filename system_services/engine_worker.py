@@ -23,6 +23,7 @@ from llmos.engine.llm_engine import Prompt
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason, Usage
 from llmos.errors import LlmosError
+from llmos.log_limit import LimitedLog
 
 log = logging.getLogger("llmosd.worker")
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class EngineWorker:
         self._pending = 0  # jobs submitted and not yet ended (read by status on the event loop)
         self._stopping = False
         self._structured: StructuredOutput | None = None  # built on the first json_schema request
+        self._log = LimitedLog(log)  # each of these can fail once per request or per step
         self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
         self._thread.start()
 
@@ -148,8 +150,10 @@ class EngineWorker:
             for cmd in inbox:
                 try:
                     cmd()
-                except Exception:  # a command's failure is reported by it; the thread carries on
-                    log.exception("a worker command failed")
+                except Exception as e:  # a command's failure is reported by it; the thread carries on
+                    self._log.failed("worker commands", e, exc_info=True)
+                else:
+                    self._log.recovered("worker commands")
             if inbox:
                 self.arbiter.publish()
             if stopping and not self.arbiter.has_work:
@@ -158,9 +162,11 @@ class EngineWorker:
                 try:
                     self.arbiter.step()
                 except Exception as e:  # e.g. the model fails to reload: fail what waits, keep serving
-                    log.error("the arbiter could not step: %s", e)
+                    self._log.failed("arbiter steps", e, "Every request waiting got this error")
                     for job in list(self._jobs.values()):
                         self._fail(job, e)
+                else:
+                    self._log.recovered("arbiter steps")
 
     def _start(self, job: Job) -> None:
         if job.cancelled is not None:
@@ -191,9 +197,10 @@ class EngineWorker:
         except Exception as e:  # named errors as they are; anything else (a reload failing on an OSError,
             # MemoryError, ...) must still answer the caller, never leave it waiting
             if not isinstance(e, LlmosError):
-                log.exception("could not queue a request")
+                self._log.failed("queueing requests", e, "The caller got the error", exc_info=True)
             self._deliver_error(job, e)
             return
+        self._log.recovered("queueing requests")
         self._jobs[req.request_id] = job
 
     def _structured_output(self) -> StructuredOutput:

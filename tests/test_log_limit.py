@@ -94,3 +94,19 @@ def test_the_first_line_keeps_its_traceback_and_only_the_first(
         False,
         False,
     ]
+
+
+def test_an_internal_error_a_caller_can_repeat_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    from system_services.dbus_errors import to_dbus_error
+
+    caplog.set_level(logging.INFO, logger="llmosd")
+    answers = []
+    for _ in range(100):  # the same call, hitting the same bug, again and again
+        try:
+            {}["missing"]  # the bug
+        except KeyError as e:
+            answers.append(to_dbus_error(e))
+    assert {a.type for a in answers} == {"org.llmos.Error.Failed"}  # every caller still gets an answer
+    logged = [r for r in caplog.records if r.name == "llmosd"]
+    assert len(logged) == 1 and logged[0].exc_info is not None, [r.getMessage() for r in logged]
+    assert "KeyError at " in logged[0].getMessage() and "test_log_limit.py" in logged[0].getMessage()

@@ -31,6 +31,7 @@ from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.memory import release_free_heap
 from llmos.engine.sequence import FinishReason
 from llmos.errors import ContextOverflowError, QuotaExceededError
+from llmos.log_limit import LimitedLog
 
 log = logging.getLogger("llmos.arbiter")
 WINDOW_S = 60.0
@@ -80,6 +81,7 @@ class Arbiter:
         self._snapshot: dict[str, Any] = {}
         self._published_at = 0.0
         self._changed = False  # requests admitted or ended since the last snapshot
+        self.log = LimitedLog(log)  # a step that fails for every request must not log every time
 
     # -- residency ----------------------------------------------------------------------------------------
     def load(self) -> LLMEngine:
@@ -201,10 +203,15 @@ class Arbiter:
                     self._charge(req, 1)
                     self._deliver(req, delta)
         except Exception as e:  # a failing run fails the requests in it, never the arbiter
-            log.error("a %s step failed: %s", kind, e)
+            self.log.failed(
+                f"{kind} steps", e, "Its requests got this error; the daemon goes on serving others"
+            )
             for req in batch:
                 req.error = e
                 self._finish(req)
+        else:
+            if kind in ("prefill", "decode"):
+                self.log.recovered(f"{kind} steps")
         self.last_active = time.monotonic()
         # not after every token: a snapshot walks every app and parked session. Promptly when requests
         # come or go (what status readers wait for), else a few times a second for the token counts.
