@@ -132,7 +132,7 @@ class KVManager:
         try:
             self.swap.delete(file_key)
         except SwapFileError as e:
-            self.log.failed(self._deletes, e, "the file stays until llmosd stops", level=logging.WARNING)
+            self.log.failed(self._deletes, e, "The file stays until llmosd stops", level=logging.WARNING)
         else:
             self.log.recovered(self._deletes)
 
