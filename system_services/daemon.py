@@ -39,6 +39,7 @@ from llmos.engine.llm_engine import LLMEngine, Prompt, encode_prompt
 from llmos.engine.memory import release_free_heap
 from llmos.errors import LlmosError
 from llmos.input_bounds import InputBounds
+from llmos.log_limit import LimitedLog
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
 from llmos.paths import SYSTEM_MODEL_DIR, state_dir
@@ -438,7 +439,8 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
 
 def start_periodic_jobs(daemon: Daemon) -> AsyncIOScheduler:
     """Residency and memory pressure, as apscheduler jobs on the event loop; the work itself runs on
-    the arbiter's thread between steps."""
+    the arbiter's thread between steps. The memory check also retries swap writes that failed, so KV
+    left over the budget by a full disk goes out once space is freed, even with no request coming."""
     cfg = daemon.config.arbiter
     jobs = AsyncIOScheduler()
     if cfg.idle_unload_s > 0:
@@ -459,11 +461,23 @@ def start_periodic_jobs(daemon: Daemon) -> AsyncIOScheduler:
     if not monitor.available and cfg.memory_pressure_pct > 0:
         log.warning("no memory pressure information (no /proc/pressure/memory, no cgroup memory.events)")
 
+    limited = LimitedLog(log)
+
     async def relieve_pressure() -> None:
-        if monitor.check():
-            n = await daemon.worker.call(daemon.arbiter.swap_out_idle)
-            if n:
-                log.info("memory pressure (%s): %d idle session KV cache(s) swapped to disk", monitor.last, n)
+        try:
+            if monitor.check():
+                n = await daemon.worker.call(daemon.arbiter.swap_out_idle)
+                if n:
+                    log.info(
+                        "memory pressure (%s): %d idle session KV cache(s) swapped to disk", monitor.last, n
+                    )
+            elif daemon.worker.snapshot().get("kv_over_budget_bytes"):
+                # swap writes failed and no request has ended since: space may have been freed meanwhile
+                await daemon.worker.call(daemon.arbiter.retry_swap_out)
+        except Exception as e:  # apscheduler would log a traceback at every check
+            limited.failed("memory checks", e, exc_info=True)
+        else:
+            limited.recovered("memory checks")
 
     jobs.add_job(relieve_pressure, "interval", seconds=cfg.pressure_check_s)
     jobs.start()

@@ -23,6 +23,7 @@ from llmos.engine.llm_engine import Prompt
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason, Usage
 from llmos.errors import LlmosError
+from llmos.log_limit import LimitedLog
 from system_services.prompt_encoder import INLINE_BYTES, PromptEncoder
 
 log = logging.getLogger("llmosd.worker")
@@ -82,6 +83,7 @@ class EngineWorker:
         self._pending = 0  # jobs submitted and not yet ended (read by status on the event loop)
         self._stopping = False
         self._structured: StructuredOutput | None = None  # built on the first json_schema request
+        self._log = LimitedLog(log)  # each of these can fail once per request or per step
         self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
         self._thread.start()
 
@@ -109,7 +111,7 @@ class EngineWorker:
             job.prompt_ids = await self.tokenizing.run(lambda: encode(job.prompt))
         except Exception as e:  # a named error (the template refused it, ...) or not: the caller hears
             if not isinstance(e, LlmosError):
-                log.exception("could not tokenize a prompt")
+                self._log.failed("tokenizing prompts", e, "The caller got the error", exc_info=True)
             _set_exception(job.future, e)
             return
         with self._lock:
@@ -180,8 +182,10 @@ class EngineWorker:
             for cmd in inbox:
                 try:
                     cmd()
-                except Exception:  # a command's failure is reported by it; the thread carries on
-                    log.exception("a worker command failed")
+                except Exception as e:  # a command's failure is reported by it; the thread carries on
+                    self._log.failed("worker commands", e, exc_info=True)
+                else:
+                    self._log.recovered("worker commands")
             if inbox:
                 self.arbiter.publish()
             if stopping and not self.arbiter.has_work:
@@ -190,9 +194,11 @@ class EngineWorker:
                 try:
                     self.arbiter.step()
                 except Exception as e:  # e.g. the model fails to reload: fail what waits, keep serving
-                    log.error("the arbiter could not step: %s", e)
+                    self._log.failed("arbiter steps", e, "Every request waiting got this error")
                     for job in list(self._jobs.values()):
                         self._fail(job, e)
+                else:
+                    self._log.recovered("arbiter steps")
 
     def _start(self, job: Job) -> None:
         if job.cancelled is not None:
@@ -225,9 +231,10 @@ class EngineWorker:
         except Exception as e:  # named errors as they are; anything else (a reload failing on an OSError,
             # MemoryError, ...) must still answer the caller, never leave it waiting
             if not isinstance(e, LlmosError):
-                log.exception("could not queue a request")
+                self._log.failed("queueing requests", e, "The caller got the error", exc_info=True)
             self._deliver_error(job, e)
             return
+        self._log.recovered("queueing requests")
         self._jobs[req.request_id] = job
 
     def _structured_output(self) -> StructuredOutput:

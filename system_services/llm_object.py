@@ -42,6 +42,8 @@ ARBITER_FIGURES = {
     "swap_outs": "u",
     "swap_restores": "u",
     "swap_recomputes": "u",
+    "swap_failures": "u",
+    "kv_over_budget_bytes": "t",
     "model_loads": "u",
 }
 APP_FIGURES = {

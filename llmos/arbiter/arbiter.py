@@ -31,6 +31,7 @@ from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.memory import release_free_heap
 from llmos.engine.sequence import FinishReason
 from llmos.errors import ContextOverflowError, QuotaExceededError
+from llmos.log_limit import LimitedLog
 
 log = logging.getLogger("llmos.arbiter")
 WINDOW_S = 60.0
@@ -80,6 +81,7 @@ class Arbiter:
         self._snapshot: dict[str, Any] = {}
         self._published_at = 0.0
         self._changed = False  # requests admitted or ended since the last snapshot
+        self.log = LimitedLog(log)  # a step that fails for every request must not log every time
 
     # -- residency ----------------------------------------------------------------------------------------
     def load(self) -> LLMEngine:
@@ -203,10 +205,15 @@ class Arbiter:
                     self._charge(req, 1)
                     self._deliver(req, delta)
         except Exception as e:  # a failing run fails the requests in it, never the arbiter
-            log.error("a %s step failed: %s", kind, e)
+            self.log.failed(
+                f"{kind} steps", e, "Its requests got this error; the daemon goes on serving others"
+            )
             for req in batch:
                 req.error = e
                 self._finish(req)
+        else:
+            if kind in ("prefill", "decode"):
+                self.log.recovered(f"{kind} steps")
         self.last_active = time.monotonic()
         # not after every token: a snapshot walks every app and parked session. Promptly when requests
         # come or go (what status readers wait for), else a few times a second for the token counts.
@@ -321,6 +328,23 @@ class Arbiter:
         while self.kv.resident_bytes() + other > self.kv.budget_bytes and self.prefix.entries:
             other -= self.prefix.evict_one()
 
+    def over_budget_bytes(self) -> int:
+        """How far KV memory is over the budget because parked KV could not be written to disk (0 while
+        swap writes work: running requests may exceed the budget by design, which is not counted)."""
+        stuck = self.kv.stuck_bytes()
+        if not stuck:
+            return 0
+        warm = self.engine.pool.warm_free_bytes() if self.engine is not None else 0
+        total = self.active_kv_bytes() + self.kv.resident_bytes() + self.prefix.nbytes() + warm
+        return min(max(0, total - self.kv.budget_bytes), stuck)
+
+    def retry_swap_out(self) -> int:
+        """Swap writes failed: try the budget again (space may have been freed) without waiting for a
+        request to end; returns the bytes still over the budget."""
+        self._enforce_budget()
+        self.publish()
+        return int(self._snapshot["kv_over_budget_bytes"])
+
     def swap_out_idle(self) -> int:
         """Memory pressure: every parked session goes to disk, free slots give their pages back and
         the prefix cache is emptied."""
@@ -365,6 +389,8 @@ class Arbiter:
             "swap_outs": self.kv.swapped_out,
             "swap_restores": self.kv.restored_from_disk,
             "swap_recomputes": self.kv.recomputed,
+            "swap_failures": self.kv.swap_failures,
+            "kv_over_budget_bytes": self.over_budget_bytes(),
             "prefix_hits": self.prefix.hits,
             "model_loads": self.loads,
             "device": self.device,
