@@ -25,32 +25,14 @@ import sys
 import time
 from typing import Any
 
+from bus_client import CallError, call, say  # the ordinary test app's helpers (same directory)
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-NAME, ROOT = "org.llmos.LLM1", "/org/llmos/LLM1"
+ROOT = "/org/llmos/LLM1"
 FORGED = "FORGED-BY-ANOTHER-USER"
 # text that tokenizes like prose, and a filler for sizes: what a careless or hostile app would send
 PROSE = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
-
-
-def say(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-async def call(bus: MessageBus, path: str, iface: str, member: str, sig: str = "", body: Any = ()) -> Any:
-    reply = await bus.call(
-        Message(destination=NAME, path=path, interface=iface, member=member, signature=sig, body=list(body))
-    )
-    if reply.message_type == MessageType.ERROR:
-        raise CallError(reply.error_name or "?", reply.body[0] if reply.body else "")
-    return reply.body
-
-
-class CallError(Exception):
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name, self.message = name, message
 
 
 async def stdin_closed() -> None:
@@ -63,7 +45,7 @@ async def stall(bus: MessageBus) -> None:
     say({"watching": True})
     while not done.done():
         t0 = time.perf_counter()
-        await call(bus, ROOT, "org.llmos.LLM1", "GetStatus")
+        await call(bus, ROOT, "org.llmos.LLM1", "GetStatus", "", [])
         times.append(time.perf_counter() - t0)
         await asyncio.sleep(0.005)
     say(
@@ -95,7 +77,7 @@ async def big(bus: MessageBus, kib: str) -> None:
     for name, (path, iface, member, sig, body) in attempts.items():
         t0 = time.perf_counter()
         try:
-            await call(bus, path, iface, member, sig, body)
+            await call(bus, path, iface, member, sig, list(body))
             out[name] = {"ok": True, "seconds": time.perf_counter() - t0}
         except CallError as e:
             out[name] = {"error": e.name, "message": e.message, "seconds": time.perf_counter() - t0}
@@ -181,7 +163,7 @@ async def forge(bus: MessageBus, path: str, iface: str) -> None:
                 )
                 sent += 1
         for node in ("/org/llmos/Agent1", "/org/llmos/Agent1/task", "/org/llmos/LLM1/request"):
-            (xml,) = await call(bus, node, "org.freedesktop.DBus.Introspectable", "Introspect")
+            (xml,) = await call(bus, node, "org.freedesktop.DBus.Introspectable", "Introspect", "", [])
             children.update(f"{node}/{n}" for n in re.findall(r'<node name="([^"/][^"]*)"', xml))
         await asyncio.sleep(0.002)
     say({"sent": sent, "targets": len(targets), "children": sorted(children)})

@@ -24,13 +24,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_harness import REPO, Daemon, PrivateBus, client, wait_until
+from dbus_harness import read_json as line
 from system_bus_harness import Rig, Users, llmosd_on_system_bus, system_users
 
 from llmos.model_store import ModelStore
@@ -184,18 +184,6 @@ def hostile(address: str, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-
-
-def line(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = proc.stdout.readline()
-        if text.startswith("{"):
-            return json.loads(text)
-        if not text and proc.poll() is not None:
-            break
-    raise AssertionError(f"no JSON line from {proc.args}")
 
 
 def proc_kb(pid: int, field: str) -> int:
