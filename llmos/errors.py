@@ -101,6 +101,12 @@ class ModelUnavailableError(LlmosError):
     dbus_name = "ModelUnavailable"
 
 
+class ModelCorruptError(ModelUnavailableError):
+    """A file of an imported model directory is missing or does not match the digest recorded at import
+    (damaged on disk, or changed since): refused at load, never served as garbage. The message names
+    the file and the command that imports the model again."""
+
+
 class SwapFileError(LlmosError):
     """A swapped-out KV file is missing, truncated, corrupt or for another model: recompute instead."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from llmos.errors import ModelFormatError
+from llmos.reimport import reimport_command
 
 MANIFEST_FILE = "manifest.json"
 
@@ -23,6 +24,15 @@ class TensorLocation(BaseModel):
     length: int
     dtype: str  # numpy dtype name
     shape: list[int]
+
+
+class FileDigest(BaseModel):
+    """What import wrote to one file of the model directory, checked at every load (model_integrity)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int
+    sha256: str
 
 
 class ModelManifest(BaseModel):
@@ -52,6 +62,9 @@ class ModelManifest(BaseModel):
     tokenizer_file: str = "tokenizer.json"
     # token embedding table: "qweight"/"scales"/"correction" (8-bit rows) or "weight" (fp32)
     embedding: dict[str, TensorLocation] = {}
+    # every other file of the directory, by name relative to it; empty in manifests written before
+    # digests were recorded (loaded with a warning, see llmos/model_integrity.py)
+    files: dict[str, FileDigest] = {}
 
     def write(self, directory: Path) -> None:
         tmp = directory / (MANIFEST_FILE + ".tmp")
@@ -64,6 +77,21 @@ class ModelManifest(BaseModel):
         try:
             return cls.model_validate_json(path.read_bytes())
         except FileNotFoundError:
-            raise ModelFormatError(f"{directory} is not a model directory (no {MANIFEST_FILE})") from None
+            raise ModelFormatError(missing_manifest_message(directory)) from None
         except ValidationError as e:
-            raise ModelFormatError(f"{path} is invalid: {e.errors()[0]['msg']}") from None
+            raise ModelFormatError(
+                f"{path} is invalid ({e.errors()[0]['msg']}); re-import it: {reimport_command(directory)}"
+            ) from None
+
+
+def missing_manifest_message(directory: str | os.PathLike[str]) -> str:
+    """Import writes manifest.json last, so a directory without one is not a model, or an import that
+    did not finish (or a manifest deleted since): say which file is missing and what rebuilds it."""
+    d = Path(directory)
+    if not d.is_dir():
+        return f"{d} is not a model directory (no such directory)"
+    if "--" not in d.name:  # not named like a store's model directory (<name>--<precision>)
+        return f"{d} is not a model directory (no {MANIFEST_FILE})"
+    return (
+        f"{d} has no {MANIFEST_FILE} (an incomplete or damaged import); re-import it: {reimport_command(d)}"
+    )

@@ -20,13 +20,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmos.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256, default_gguf_path, sha256_file
-from llmos.errors import LlmosError, ModelFormatError, ModelImportError, ModelNotFoundError
+from llmos.errors import (
+    LlmosError,
+    ModelCorruptError,
+    ModelFormatError,
+    ModelImportError,
+    ModelNotFoundError,
+)
 from llmos.gguf_file import GGUFFile, LlamaHParams
 from llmos.graph_builder import BUILDER_VERSION, PRECISIONS, Precision, build_onnx
-from llmos.manifest import MANIFEST_FILE, ModelManifest
+from llmos.manifest import MANIFEST_FILE, ModelManifest, missing_manifest_message
+from llmos.model_integrity import digest_directory, verify_model
 from llmos.paths import model_store_dir
+from llmos.reimport import reimport_command
 
-# progress(stage, done, total): stages are "hash", "tokenizer", "graph", "check"
+# progress(stage, done, total): stages are "hash", "tokenizer", "graph", "check", "digest"
 ImportProgress = Callable[[str, int, int], None]
 DEFAULT_POINTER = "DEFAULT"
 _TMP_PREFIX = ".import-"
@@ -65,12 +73,18 @@ class ModelStore:
         if name is None:
             d = self.default_dir()
             if d is None:
+                self._raise_for_broken_default()
                 raise ModelNotFoundError(
                     f"no default model in {self.root}; run `llmosctl model import --default` first"
                 )
             return d
         if (Path(name) / MANIFEST_FILE).is_file():
             return Path(name)
+        if os.sep in name and Path(name).is_dir():  # a path, to a directory that is not a (whole) model
+            raise ModelFormatError(missing_manifest_message(name))
+        in_store = self.root / name
+        if not name.startswith(".") and in_store.is_dir() and not (in_store / MANIFEST_FILE).is_file():
+            raise ModelCorruptError(missing_manifest_message(in_store))  # a store directory lost it
         models = self.list()
         for d, _m in models:
             if d.name == name:
@@ -81,6 +95,20 @@ class ModelStore:
             raise ModelNotFoundError(f"no model named {name!r} in {self.root} (imported: {known})")
         matches.sort(key=lambda dm: PRECISIONS.index(dm[1].precision) if dm[1].precision in PRECISIONS else 9)
         return matches[0][0]
+
+    def _raise_for_broken_default(self) -> None:
+        """The DEFAULT pointer names a directory that is gone or has no manifest: say that, not "no
+        default model", so nobody imports a second model to work around a damaged first one."""
+        pointer = self.root / DEFAULT_POINTER
+        if not pointer.is_file():
+            return
+        d = self.root / pointer.read_text(encoding="utf-8").strip()
+        if d.is_dir():
+            raise ModelCorruptError(missing_manifest_message(d))
+        raise ModelCorruptError(
+            f"the default model {d} is missing from the store ({pointer} names it); "
+            f"re-import it: {reimport_command(d)}"
+        )
 
     # -- import --------------------------------------------------------------------------------------
     def import_default(
@@ -143,9 +171,12 @@ class ModelStore:
             return False
         try:
             old = ModelManifest.read(target)
+            if old.source_sha256 != digest or old.builder_version != BUILDER_VERSION or not old.files:
+                return False  # another source, an older graph, or imported before digests: rebuild
+            verify_model(target, old)  # a damaged directory is rebuilt by the same import command
         except LlmosError:
             return False
-        return old.source_sha256 == digest and old.builder_version == BUILDER_VERSION
+        return True
 
     def _build(
         self,
@@ -199,6 +230,9 @@ class ModelStore:
         step("check", 0, 1)
         self._check_loads(out)
         step("check", 1, 1)
+        step("digest", 0, 1)
+        manifest = manifest.model_copy(update={"files": digest_directory(out)})  # what load checks
+        step("digest", 1, 1)
         manifest.write(out)  # last: a directory with a manifest is complete
 
     @staticmethod

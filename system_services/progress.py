@@ -17,12 +17,14 @@ STAGE_LABELS = {
     "tokenizer": "tokenizer",
     "graph": "graph layers",
     "check": "load check",
+    "digest": "file digests",
 }
 STAGE_NOTES = {
     "hash": "sha256 of the source file",
     "tokenizer": "converting the tokenizer",
     "graph": "building {total} layers",
     "check": "loading the built graph in onnxruntime",
+    "digest": "sha256 of every file written, for the check at each load",
 }
 _LABEL_WIDTH = max(map(len, STAGE_LABELS.values()))
 

@@ -105,7 +105,7 @@ def test_import_lists_and_reimport_is_a_no_op(tmp_path: Path, tiny_gguf: Path) -
     assert re.search(summary, r.stdout), r.stdout
     # stderr is not a TTY here: one plain line per stage, no carriage-return bar
     stages = [ln.split(":")[0].strip() for ln in r.stderr.splitlines() if ln.startswith("  ")]
-    assert stages == ["hash", "tokenizer", "graph", "check"], r.stderr
+    assert stages == ["hash", "tokenizer", "graph", "check", "digest"], r.stderr
     assert "\r" not in r.stderr
 
     table = llmosctl("model", "list", "--store", root, tmp=tmp_path)

@@ -16,7 +16,7 @@ from reference_llama import ReferenceLlama
 
 from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.sampling import Sampler, SamplingParams
-from llmos.errors import ContextOverflowError, InvalidSamplingError, ModelFormatError, ModelUnavailableError
+from llmos.errors import ContextOverflowError, InvalidSamplingError, ModelCorruptError, ModelFormatError
 from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
 
@@ -253,7 +253,7 @@ def test_a_damaged_model_directory_is_a_named_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(engine.model_dir, broken)
     (broken / "model.onnx.data").write_bytes(b"")  # weights lost
-    with pytest.raises(ModelUnavailableError, match="could not load"):
+    with pytest.raises(ModelCorruptError, match=r"model\.onnx\.data is 0 bytes but import wrote \d+ \("):
         LLMEngine(broken, warmup=False)
     (broken / "manifest.json").unlink()
     with pytest.raises(ModelFormatError, match="not a model directory"):

@@ -90,9 +90,11 @@ class Arbiter:
             self.publish()
             try:
                 self.engine = self._load_engine()
-            except Exception:
+            except Exception as e:
                 self.state = "error"
                 self.publish()
+                if self.loads:  # a reload after an idle unload: the caller gets the error, the log too
+                    log.error("cannot load the model again: %s", e)
                 raise
             self.state = "ready"
             self.loads += 1

@@ -26,6 +26,7 @@ from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason, Sequence, SequenceStatus, Usage
 from llmos.errors import ContextOverflowError, InvalidSamplingError
 from llmos.manifest import ModelManifest
+from llmos.model_integrity import ModelCheck
 from llmos.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict]
@@ -84,20 +85,30 @@ class LLMEngine:
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.read(self.model_dir)
         m = self.manifest
-        self.tokenizer = Tokenizer.load(self.model_dir)
-        tok = self.tokenizer
-        bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
-        self.chat_template = (
-            ChatTemplate(m.chat_template, bos, tok.id_to_token(tok.eos_id)) if m.chat_template else None
-        )
-        self.context_length = min(m.context_length, max_context or m.context_length)
         if prefill_chunk < 1:
             raise InvalidSamplingError("prefill_chunk must be at least 1")
-        self.chunk_tokens = prefill_chunk
-        self.pool = KVPool(m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch, kv_initial_len)
-        self.runner = ModelRunner(
-            self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers)
-        )
+        # Missing or resized files fail here; the digests are computed on threads while the tokenizer and
+        # onnxruntime's session load, and checked before the warm-up: nothing runs on damaged weights.
+        check = ModelCheck.start(self.model_dir, m)
+        try:
+            self.tokenizer = Tokenizer.load(self.model_dir)
+            tok = self.tokenizer
+            bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+            self.chat_template = (
+                ChatTemplate(m.chat_template, bos, tok.id_to_token(tok.eos_id)) if m.chat_template else None
+            )
+            self.context_length = min(m.context_length, max_context or m.context_length)
+            self.chunk_tokens = prefill_chunk
+            self.pool = KVPool(
+                m.n_layer, m.n_head_kv, m.head_dim, self.context_length, max_batch, kv_initial_len
+            )
+            self.runner = ModelRunner(
+                self.model_dir, m, self.pool, RunnerOptions(threads=threads, providers=providers)
+            )
+        except Exception:
+            check.wait()  # a damaged file is the cause to report, not whatever failed reading it
+            raise
+        check.wait()
         self.eos_ids = frozenset(m.eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
