@@ -1,5 +1,5 @@
-"""What hostile local apps send the options, and what they get: NaN and infinite sampling values are
-named as such, not as a bound they do not break.
+"""What hostile local apps send the options and the daemon's standard interfaces, and what they get:
+NaN and infinite sampling values are named as such, and Peer answers on any bus.
 
 In process where the rule lives in one function; otherwise through llmosd (tiny random-weight model) on a
 private dbus-daemon.
@@ -18,6 +18,7 @@ from dbus_fast.aio import MessageBus
 from dbus_harness import Daemon, PrivateBus, busctl, tiny_store
 
 from system_services.options import parse_options
+from system_services.private_bus import read_machine_id
 
 NAME, LLM_PATH, LLM = "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1"
 AGENT_PATH, AGENT = "/org/llmos/Agent1", "org.llmos.Agent1"
@@ -104,3 +105,28 @@ def test_nan_over_dbus_is_named_as_nan(bus: PrivateBus, daemon: Daemon) -> None:
     generate, run = asyncio.run(run_with_nan())
     assert generate.endswith("repetition_penalty: must be a finite number, not NaN")
     assert run.endswith("temperature: must be a finite number, not NaN")
+
+
+def test_peer_ping_and_get_machine_id_answer_on_any_path(
+    tmp_path: Path, store: Path, bus: PrivateBus, daemon: Daemon
+) -> None:
+    """Here, and on a bus whose policy (like the stock system bus's) lets nobody call the bus driver's
+    Peer interface, which is where dbus-fast would have asked for the machine id."""
+    deny = '<deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>'
+    strict = PrivateBus(tmp_path, rules=deny)
+    config = tmp_path / "llmosd.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    other = Daemon(strict.address, store, "--config", str(config))
+    try:
+        machine_id = read_machine_id()
+        assert machine_id is not None  # this machine has one; without it the answer is a named Failed
+        for address in (bus.address, strict.address):
+            for path in (LLM_PATH, AGENT_PATH, "/", "/no/such/object"):
+                ping = busctl(address, "call", NAME, path, "org.freedesktop.DBus.Peer", "Ping")
+                assert ping.returncode == 0, ping.stderr
+                got = busctl(address, "call", NAME, path, "org.freedesktop.DBus.Peer", "GetMachineId")
+                assert got.returncode == 0, got.stderr
+                assert got.stdout.strip() == f's "{machine_id}"'
+    finally:
+        other.stop_cleanly()
+        strict.stop()
