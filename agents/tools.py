@@ -17,11 +17,16 @@ from typing import Any
 import llguidance as llg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llmos import bounded_json
 from llmos.errors import LlmosError, validation_problems
 
 MAX_MANIFEST_CHARS = 256 * 1024
 MAX_TOOLS = 64  # per manifest, and per connection
 MAX_PARAMETERS_CHARS = 16 * 1024
+MAX_PARAMETERS_DEPTH = bounded_json.MAX_DEPTH
+# The manifest's text is refused past twice that, before it is parsed: room for any manifest whose
+# parameters are within their own limit, which each tool's validator then names
+MAX_MANIFEST_DEPTH = 2 * MAX_PARAMETERS_DEPTH
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
@@ -52,6 +57,8 @@ class ToolSpec(BaseModel):
     def _object_schema(cls, v: dict) -> dict:
         if v.get("type") != "object":
             raise ValueError('parameters must be a JSON Schema of "type": "object"')
+        if bounded_json.value_depth(v) > MAX_PARAMETERS_DEPTH:  # before anything below recurses into it
+            raise ValueError(f"parameters are nested more than {MAX_PARAMETERS_DEPTH} levels deep")
         if len(json.dumps(v)) > MAX_PARAMETERS_CHARS:
             raise ValueError(f"parameters are over {MAX_PARAMETERS_CHARS} characters of JSON")
         # compiled now, as every run's step grammar will: a schema the compiler refuses (a broken $ref,
@@ -120,12 +127,14 @@ class ToolManifest(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> ToolManifest:
-        if len(text) > MAX_MANIFEST_CHARS:
-            raise ToolManifestError(f"the manifest is over {MAX_MANIFEST_CHARS} characters")
         try:
-            manifest = cls.model_validate(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ToolManifestError(f"the manifest is not JSON: {e}") from None
+            raw = bounded_json.loads(
+                text, "the manifest", max_chars=MAX_MANIFEST_CHARS, max_depth=MAX_MANIFEST_DEPTH
+            )
+        except bounded_json.InvalidJsonError as e:
+            raise ToolManifestError(str(e)) from None
+        try:
+            manifest = cls.model_validate(raw)
         except ValidationError as e:
             raise ToolManifestError(f"invalid manifest: {validation_problems(e, 'manifest')}") from None
         names = [t.name for t in manifest.tools]
