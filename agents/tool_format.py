@@ -102,7 +102,7 @@ def result_text(result: Any) -> str:
 def _call_schema(tool: Tool, name_key: str) -> dict[str, Any]:
     return {
         "type": "object",
-        "properties": {name_key: {"const": tool.spec.name}, "arguments": tool.spec.parameters},
+        "properties": {name_key: {"const": tool.name}, "arguments": tool.spec.parameters},
         "required": [name_key, "arguments"],
         "additionalProperties": False,
     }
@@ -128,7 +128,7 @@ class JsonSteps:
         lines = [f"{instructions} {self.HOW} {DATA_NOTE}", "", "Tools:"]
         for t in tools:
             params = json.dumps(t.spec.parameters.get("properties", {}), separators=(",", ":"))
-            lines.append(f"- {t.spec.name}: {t.spec.description} Arguments: {params}")
+            lines.append(f"- {t.name}: {t.spec.description} Arguments: {params}")
         return "\n".join(lines)
 
     def template_tools(self, tools: Sequence[Tool]) -> None:
@@ -183,7 +183,7 @@ class HermesToolCalls:
             {
                 "type": "function",
                 "function": {
-                    "name": t.spec.name,
+                    "name": t.name,
                     "description": t.spec.description,
                     "parameters": t.spec.parameters,
                 },

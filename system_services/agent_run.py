@@ -271,7 +271,7 @@ class AgentRun:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,
         never the end of the run."""
         if problems := argument_problems(tool.spec.parameters, arguments):  # never sent to the app
-            return {"error": f"invalid arguments for {tool.spec.name}: {'; '.join(problems)}"}
+            return {"error": f"invalid arguments for {tool.name}: {'; '.join(problems)}"}
         if tool.spec.confirm and not await self._approved(tool, arguments):
             return {"error": "the user did not approve this call"}
         if tool.owner == SYSTEM_OWNER:
@@ -293,7 +293,8 @@ class AgentRun:
         approver = self.settings.approver
         if not approver or self.owner is None:  # nobody to ask (a scheduled run): refused
             return False
-        call = ("org.llmos.ToolApprover1", "Approve", [tool.spec.name, json.dumps(arguments)])
+        # the name the run shows: whose tool it is, when it is another app's
+        call = ("org.llmos.ToolApprover1", "Approve", [tool.name, json.dumps(arguments)])
         try:
             reply = await self._call_app(self.owner, approver, *call, APPROVE_TIMEOUT_S)
         except TimeoutError:
