@@ -70,7 +70,7 @@ async def run_agent(
     fmt: ToolCallFormat = JSON_STEPS,  # how calls look: the model's own format, or JSON steps
 ) -> AsyncIterator[Step]:
     """Yield each step; the last one carries the answer (forced at the step budget)."""
-    by_name = {t.spec.name: t for t in tools}
+    by_name = {t.name: t for t in tools}
     messages = [
         {"role": "system", "content": fmt.system_prompt(tools, instructions)},
         {"role": "user", "content": goal},
@@ -119,7 +119,7 @@ async def run_agent(
         made.add(key)
         messages.append({"role": "assistant", "content": text})
         tool = by_name[decided["tool"]]
-        step = Step(number, tool=tool.spec.name, arguments=decided["arguments"])
+        step = Step(number, tool=tool.name, arguments=decided["arguments"])
         step.observation = await call_tool(tool, step.arguments)
-        messages.append(fmt.observation(tool.spec.name, step.observation))
+        messages.append(fmt.observation(tool.name, step.observation))
         yield step

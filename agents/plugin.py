@@ -53,7 +53,7 @@ class AgentContext:
     tool_format: ToolCallFormat = JSON_STEPS  # how tool calls look for the served model
 
     def tool(self, name: str) -> Tool | None:
-        return next((t for t in self.tools if t.spec.name == name), None)
+        return next((t for t in self.tools if t.name == name), None)
 
 
 class AgentPlugin:
@@ -62,8 +62,10 @@ class AgentPlugin:
     name: str = ""
     description: str = ""
     instructions: str = INSTRUCTIONS  # the system prompt of the default step logic
-    # Tools the agent needs, by name: a run fails with NotFound unless the caller may use each one, and
-    # only these are offered. None: every tool the caller may use.
+    # Tools the agent needs, by the name a run sees: a plain name is the calling app's own tool (or a
+    # system tool), "<app id>/<name>" another app's shared one (agents/tools.py). A run fails with
+    # NotFound unless the caller may use each one, and only these are offered. None: every tool the
+    # caller may use.
     tools: tuple[str, ...] | None = None
 
     def __init__(self, **overrides: Any) -> None:
@@ -91,7 +93,7 @@ class AgentPlugin:
         """The tools this agent gets from those the caller may use."""
         if self.tools is None:
             return list(usable)
-        by_name = {t.spec.name: t for t in usable}
+        by_name = {t.name: t for t in usable}
         missing = [n for n in self.tools if n not in by_name]
         if missing:
             raise MissingToolError(

@@ -19,6 +19,7 @@ from agents.plugin import AgentContext, AgentPlugin, AgentPluginError
 from agents.structured_output import JSON_STYLE
 from agents.tool_format import InvalidStepError
 from agents.tools import Tool, argument_problems
+from llmos import bounded_json
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason
 from llmos.tokenizer import Tokenizer
@@ -29,6 +30,12 @@ from system_services.system_tools import SYSTEM_OWNER, SYSTEM_TOOL_NAMES
 
 TOOL_TIMEOUT_S = 20.0
 APPROVE_TIMEOUT_S = 120.0
+# What an app's tool may answer: its result (JSON, or text) and the message of an error reply. The model
+# reads 4,000 characters of a result (tool_format.MAX_OBSERVATION_CHARS); the run's owner gets the whole
+# result in the Step signal, and a scheduled run keeps it, so it is bounded before it is even parsed.
+MAX_RESULT_CHARS = 1024 * 1024
+MAX_RESULT_DEPTH = bounded_json.MAX_DEPTH
+MAX_TOOL_ERROR_CHARS = 1000
 RESULT_OK, RESULT_CANCELLED, RESULT_FAILED = 0, 1, 2
 MAX_STEPS = 16
 RUN_KEYS = {"max_steps": "u", "tool_choice": "s", "approver": "o", "constrained": "b", "system_tools": "as"}
@@ -84,6 +91,21 @@ def plain_text(content: str, specials: list[str]) -> str:
         if special in content:
             content = content.replace(special, special[0] + "\u200b" + special[1:])
     return content
+
+
+def tool_result(answer: Any) -> Any:
+    """What an app's ToolProvider1.Call answered, as the observation the model reads: its JSON; text
+    that is not JSON as {"result": text}; over MAX_RESULT_CHARS or nested deeper than MAX_RESULT_DEPTH,
+    an {"error": ...} observation (the run goes on, as for a tool that failed)."""
+    text = answer if isinstance(answer, str) else str(answer)  # an app may reply with another signature
+    try:
+        return bounded_json.loads(
+            text, "the tool's result", max_chars=MAX_RESULT_CHARS, max_depth=MAX_RESULT_DEPTH
+        )
+    except bounded_json.JsonLimitError as e:
+        return {"error": str(e)}
+    except bounded_json.InvalidJsonError:
+        return {"result": text}  # not JSON: passed on as a string, marked as such
 
 
 def schema_grammar(schema: str) -> str:
@@ -250,7 +272,7 @@ class AgentRun:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,
         never the end of the run."""
         if problems := argument_problems(tool.spec.parameters, arguments):  # never sent to the app
-            return {"error": f"invalid arguments for {tool.spec.name}: {'; '.join(problems)}"}
+            return {"error": f"invalid arguments for {tool.name}: {'; '.join(problems)}"}
         if tool.spec.confirm and not await self._approved(tool, arguments):
             return {"error": "the user did not approve this call"}
         if tool.owner == SYSTEM_OWNER:
@@ -261,20 +283,19 @@ class AgentRun:
         except TimeoutError:
             return {"error": f"the tool did not answer within {TOOL_TIMEOUT_S:.0f} s"}
         if reply is None or reply.message_type == MessageType.ERROR:
-            why = reply.body[0] if reply is not None and reply.body else ""
+            why = str(reply.body[0]) if reply is not None and reply.body else ""
+            if (over := len(why) - MAX_TOOL_ERROR_CHARS) > 0:
+                why = f"{why[:MAX_TOOL_ERROR_CHARS]} [... {over} more characters cut]"
             name = reply.error_name if reply is not None else "no reply"
             return {"error": f"{name}: {why}".rstrip(": ")}
-        text = reply.body[0] if reply.body else ""
-        try:
-            return json.loads(text)
-        except (json.JSONDecodeError, TypeError):
-            return {"result": str(text)}  # not JSON: passed on as a string, marked as such
+        return tool_result(reply.body[0] if reply.body else "")
 
     async def _approved(self, tool: Tool, arguments: dict[str, Any]) -> bool:
         approver = self.settings.approver
         if not approver or self.owner is None:  # nobody to ask (a scheduled run): refused
             return False
-        call = ("org.llmos.ToolApprover1", "Approve", [tool.spec.name, json.dumps(arguments)])
+        # the name the run shows: whose tool it is, when it is another app's
+        call = ("org.llmos.ToolApprover1", "Approve", [tool.name, json.dumps(arguments)])
         try:
             reply = await self._call_app(self.owner, approver, *call, APPROVE_TIMEOUT_S)
         except TimeoutError:

@@ -196,7 +196,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
 def _tool_kind(tool: dict[str, Any]) -> str:
     if tool.get("system"):
         return "system"
-    return "yours" if tool.get("own") else "shared by an app"
+    return "yours" if tool.get("own") else f"shared by {tool.get('app') or 'an app'}"
 
 
 def _tool_state(tool: dict[str, Any]) -> str:

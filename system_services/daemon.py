@@ -162,14 +162,15 @@ class Daemon:
             raise SystemToolDeniedError(f"the policy for {app_id} does not allow {', '.join(denied)}")
 
     async def usable_tools(
-        self, runners: set[str], app_id: str, system: list[str] | None = None
+        self, runners: set[str], app_id: str, uid: int | None, system: list[str] | None = None
     ) -> list[Tool]:
-        """What a run may call: the runners' own tools, other apps' shared ones, then the system tools
-        its app's policy allows (narrowed to `system` if given) that are available now."""
-        tools = self.tools.usable_by(runners)
-        names = {t.spec.name for t in tools}
+        """What a run of user `uid`'s app may call: the runners' own tools, the same user's other
+        connections' shared ones, then the system tools its app's policy allows (narrowed to `system`
+        if given) that are available now."""
+        tools = self.tools.usable_by(runners, uid)
+        names = {t.name for t in tools}
         wanted = [n for n in self.allowed_system_tools(app_id) if system is None or n in system]
-        return tools + [t for t in await self.system_tools.usable(wanted) if t.spec.name not in names]
+        return tools + [t for t in await self.system_tools.usable(wanted) if t.name not in names]
 
     def priority(self, app_id: str, requested: str) -> Priority:
         """The class a request runs at: what it asks for, capped by its app's policy."""

@@ -287,7 +287,7 @@ class ScheduledAgents:
             settings = parse_run_options(variants, d.config.limits, scheduled=True)
             settings.request = replace(settings.request, priority="background")
             tools = agent.select_tools(
-                await d.usable_tools(connections, row["app_id"], settings.system_tools)
+                await d.usable_tools(connections, row["app_id"], row["uid"], settings.system_tools)
             )
         except Exception as e:  # the agent uninstalled, a tool gone, the limits lowered since: said
             err = to_dbus_error(e)

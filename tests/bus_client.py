@@ -331,11 +331,18 @@ async def structured(bus: MessageBus, cases_file: str, parallel: str = "8") -> N
 
 
 class ToolProvider(ServiceInterface):
-    """org.llmos.ToolProvider1 for `agent-run`: answers each tool with a canned JSON result."""
+    """org.llmos.ToolProvider1 for `agent-run`: answers each tool with a canned JSON result, or with a
+    canned text as it is (`raw`: what no json.dumps would write, e.g. JSON nested 100,000 deep)."""
 
-    def __init__(self, results: dict[str, Any], calls: list[dict[str, Any]], die: bool) -> None:
+    def __init__(
+        self,
+        results: dict[str, Any],
+        calls: list[dict[str, Any]],
+        die: bool,
+        raw: dict[str, str] | None = None,
+    ) -> None:
         super().__init__("org.llmos.ToolProvider1")
-        self.results, self.calls, self.die = results, calls, die
+        self.results, self.calls, self.die, self.raw = results, calls, die, raw or {}
 
     @method()
     def Call(self, tool: "s", arguments: "s") -> "s":  # noqa: F821
@@ -343,6 +350,8 @@ class ToolProvider(ServiceInterface):
         if self.die:  # the app crashes in the middle of a call
             say({"dying": True, "calls": self.calls})
             os._exit(3)
+        if tool in self.raw:
+            return self.raw[tool]
         return json.dumps(self.results.get(tool, {"ok": True}))
 
 
@@ -358,7 +367,10 @@ class ToolApprover(ServiceInterface):
 
 
 async def register_provider(bus: MessageBus, setup: dict[str, Any], calls: list[dict[str, Any]]) -> list[str]:
-    bus.export("/app/tools", ToolProvider(setup.get("results", {}), calls, setup.get("die", False)))
+    provider = ToolProvider(
+        setup.get("results", {}), calls, setup.get("die", False), setup.get("raw_results")
+    )
+    bus.export("/app/tools", provider)
     manifest = ["/app/tools", json.dumps(setup["manifest"])]
     (names,) = await call(
         bus, "/org/llmos/Agent1", "org.llmos.Agent1", "RegisterToolProvider", "os", manifest
@@ -368,8 +380,8 @@ async def register_provider(bus: MessageBus, setup: dict[str, Any], calls: list[
 
 async def agent_run(bus: MessageBus, setup_file: str) -> None:
     """Register a provider (manifest, canned results), optionally an approver, run a goal, and report
-    every Step, the Result and the calls the provider received. setup: {"manifest", "results", "goal",
-    "options", "approve": bool|null, "die": bool, "register": bool}"""
+    every Step, the Result and the calls the provider received. setup: {"manifest", "results",
+    "raw_results", "goal", "options", "approve": bool|null, "die": bool, "register": bool}"""
     with open(setup_file, encoding="utf-8") as f:
         setup = json.load(f)
     calls: list[dict[str, Any]] = []

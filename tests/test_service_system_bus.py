@@ -22,6 +22,7 @@ otherwise.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,6 +99,18 @@ def test_llmosd_runs_as_llmos_and_owns_the_name(rig: Rig) -> None:
     log = rig.bus.stderr.read_text()
     assert "Encountered error" not in log, log  # the packaged policy loaded without a complaint
     assert not any("Traceback" in line for line in rig.daemon.log.all), rig.daemon.log.all
+
+
+def test_peer_ping_and_get_machine_id_answer_any_user_on_the_system_bus(rig: Rig) -> None:
+    """dbus-fast would ask the bus driver for the machine id, which the stock system.conf lets nobody
+    do: every caller got AccessDenied describing llmosd's own connection. llmosd reads the file."""
+    peer = "org.freedesktop.DBus.Peer"
+    calls = [
+        (NAME, path, peer, m, "", []) for path in ("/org/llmos/LLM1", "/") for m in ("Ping", "GetMachineId")
+    ]
+    machine_id = Path("/etc/machine-id").read_text().strip()
+    for user in (rig.users.a, rig.users.b):
+        assert rig.calls(user, *calls) == [{"body": []}, {"body": [machine_id]}] * 2
 
 
 def test_an_app_streams_its_answer_over_the_system_bus(rig: Rig) -> None:

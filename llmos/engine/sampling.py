@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmos.errors import InvalidSamplingError, validation_problems
 
@@ -14,7 +17,9 @@ MAX_STOP_CHARS = 256  # each is matched against the text after every token: boun
 class SamplingParams(BaseModel):
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan=False: a NaN compares false with every bound, so without it a NaN temperature (a
+    # D-Bus double may be one) would be refused as "should be less than or equal to 10"
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
     max_tokens: int = Field(256, ge=1, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0, le=10.0)
@@ -25,6 +30,15 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
+    @classmethod
+    def _finite(cls, v: object) -> object:
+        """Say what is wrong with a NaN or an infinity, instead of naming a bound it does not break."""
+        if isinstance(v, float) and not math.isfinite(v):
+            what = "NaN" if math.isnan(v) else "infinity" if v > 0 else "-infinity"
+            raise PydanticCustomError("finite_number", "must be a finite number, not {what}", {"what": what})
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
