@@ -49,7 +49,7 @@ max_queued = 2
 # What the campaign saw, and the bounds asserted here (measured: docs/reliability.md).
 MAX_STALL_MS = 1000  # was 27,800 ms
 MAX_PEAK_GROWTH_MB = 400  # was 2,800 MB
-MAX_KEPT_MB = 128  # was 1,952 MB
+MAX_KEPT_MB = 96  # was 1,952 MB
 
 
 # ---------------------------------------------------------------------------------------------------------
