@@ -93,6 +93,31 @@ def plain_text(content: str, specials: list[str]) -> str:
     return content
 
 
+def plain_prompt(
+    messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, specials: list[str]
+) -> tuple[list[dict[str, str]], list[dict[str, Any]] | None]:
+    """A generation's messages and template tools with every text that came from outside made plain:
+    the caller's goal and the tools' results, and also the system prompt and the tools the template
+    renders, which carry the descriptions and parameter schemas apps wrote (a shared tool's description
+    reaches other apps' runs). Only the model's own turns are left as they are."""
+    plain = [
+        m if m.get("role") == "assistant" else {**m, "content": plain_text(m["content"], specials)}
+        for m in messages
+    ]
+    return plain, None if tools is None else _plain_values(tools, specials)
+
+
+def _plain_values(value: Any, specials: list[str]) -> Any:
+    """Every string in a JSON value made plain (a tool's parameters nest at most 64 levels deep)."""
+    if isinstance(value, str):
+        return plain_text(value, specials)
+    if isinstance(value, dict):
+        return {plain_text(k, specials): _plain_values(v, specials) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_values(v, specials) for v in value]
+    return value
+
+
 def tool_result(answer: Any) -> Any:
     """What an app's ToolProvider1.Call answered, as the observation the model reads: its JSON; text
     that is not JSON as {"result": text}; over MAX_RESULT_CHARS or nested deeper than MAX_RESULT_DEPTH,
@@ -240,12 +265,8 @@ class AgentRun:
         """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
         tokens than the caller gave each step. With `tools`, the model's chat template renders them."""
         d = self.daemon
-        prompt: Any = [
-            m
-            if m.get("role") in ("system", "assistant")
-            else {**m, "content": plain_text(m["content"], self._specials)}
-            for m in messages
-        ]
+        prompt: Any
+        prompt, tools = plain_prompt(messages, tools, self._specials)
         if tools is not None and d.model.chat_template is not None:  # rendered here: the tools go in
             prompt = d.model.chat_template.render(prompt, tools=tools)
         if schema is not None and grammar is None:
