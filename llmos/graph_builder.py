@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import GGUFFile, LlamaHParams, TensorInfo
-from llmos.quant import BLOCK, NATIVE_BITS, PackedMatrix, dequantize, pack_matrix
+from llmos.quant import PackedMatrix, dequantize, pack_matrix, source_bits
 
 Precision = Literal["int4", "int8", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("int4", "int8", "fp32")
@@ -31,9 +31,7 @@ OPSET = 21
 MS = "com.microsoft"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-# GGML types with more than 4 bits of precision that have no exact MatMulNBits form
-WIDE_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_1", "Q8_K"})
-BUILDER_VERSION = 5  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 6  # bump when the graph changes, so imports are redone
 
 
 @dataclass
@@ -42,7 +40,7 @@ class BuildReport:
 
     precision: Precision
     exact: bool = True  # False if any weight had to be re-rounded from floats
-    corrected_matrices: int = 0  # Q4_1 matrices that carry a block-offset correction
+    corrected_matrices: int = 0  # matrices that carry a block-offset correction (Q4_1, Q5_1, K-quants)
     embedding: dict[str, dict[str, object]] = field(default_factory=dict)  # where the table's bytes are
     notes: list[str] = field(default_factory=list)
 
@@ -105,44 +103,32 @@ class LlamaGraphBuilder:
         return self.gguf.tensor(name)
 
     def _bits_for(self, t: TensorInfo) -> int:
-        """int8 precision: 8 bits. int4: 4 bits for 4-bit sources, but sources of 5 bits or more (a Q8_0
-        or Q6_K output head, say) stay at 8 bits rather than being re-rounded to 4."""
-        if self.precision == "int8":
-            return 8
-        if t.qtype in NATIVE_BITS:
-            return NATIVE_BITS[t.qtype]
-        return 8 if t.qtype.name in WIDE_TYPES else 4
+        """int8 precision: 8 bits. int4: the smallest container that holds the source exactly, 4 bits for
+        4-bit types and 8 for types of 5 bits or more (Q5_x, Q6_K, Q8_0, IQ4) rather than re-rounding."""
+        return 8 if self.precision == "int8" else source_bits(t)
 
-    def _pack(self, names: list[str]) -> PackedMatrix:
-        """Pack one or several matrices stacked on N (fused projections share their input)."""
+    def _packs(self, names: list[str]) -> list[PackedMatrix]:
+        """One or several matrices stacked on N (fused projections share their input), fused where they
+        share a form. Parts of different types (a Q4_K_M file's Q4_K q/k beside a Q6_K v) stay apart:
+        a common form (8 bits, 16-weight blocks) would hold them exactly too, but read more bytes per
+        token than the sources do, and decode speed is bytes per token."""
         parts = [pack_matrix(self._tensor(n), self._bits_for(self._tensor(n))) for n in names]
-        if len({p.bits for p in parts}) > 1:
-            parts = [pack_matrix(self._tensor(n), 8) for n in names]
         if any(not p.exact for p in parts):
             self.report.exact = False
-        if len(parts) == 1:
-            return parts[0]
-        corr = None
-        if any(p.correction is not None for p in parts):
-            corr = np.concatenate(
-                [p.correction if p.correction is not None else np.zeros_like(p.scales) for p in parts]
-            )
-        return PackedMatrix(
-            n=sum(p.n for p in parts),
-            k=parts[0].k,
-            bits=parts[0].bits,
-            packed=np.concatenate([p.packed for p in parts]),
-            scales=np.concatenate([p.scales for p in parts]),
-            correction=corr,
-            exact=all(p.exact for p in parts),
-        )
+        groups: list[list[PackedMatrix]] = []
+        for p in parts:
+            if groups and (groups[-1][0].bits, groups[-1][0].block) == (p.bits, p.block):
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        return [_stack(g) for g in groups]
 
-    def _block_indicator(self, k: int) -> str:
-        """E [K, K/32] with E[i, b] = 1 when element i is in block b: x @ E gives the block sums."""
-        name = f"block_indicator.{k}"
+    def _block_indicator(self, k: int, block: int) -> str:
+        """E [K, K/block] with E[i, b] = 1 when element i is in block b: x @ E gives the block sums."""
+        name = f"block_indicator.{k}.{block}"
         if not any(t.name == name for t in self.g.inits):
-            e = np.zeros((k, k // BLOCK), dtype=np.float32)
-            e[np.arange(k), np.arange(k) // BLOCK] = 1.0
+            e = np.zeros((k, k // block), dtype=np.float32)
+            e[np.arange(k), np.arange(k) // block] = 1.0
             self.g.init(name, e)
         return name
 
@@ -152,7 +138,14 @@ class LlamaGraphBuilder:
         if self.precision == "fp32":
             w = np.concatenate([dequantize(self._tensor(n)) for n in names])  # [N, K]
             return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
-        p = self._pack(names)
+        packs = self._packs(names)
+        outs = [
+            self._matmul_nbits(x, p, tag if len(packs) == 1 else f"{tag}.{i}") for i, p in enumerate(packs)
+        ]
+        return outs[0] if len(outs) == 1 else g.op("Concat", outs, axis=-1)[0]
+
+    def _matmul_nbits(self, x: str, p: PackedMatrix, tag: str) -> str:
+        g = self.g
         y = g.op(
             "MatMulNBits",
             [x, g.init(f"{tag}.qweight", p.packed), g.init(f"{tag}.scales", p.scales)],
@@ -160,15 +153,16 @@ class LlamaGraphBuilder:
             K=p.k,
             N=p.n,
             bits=p.bits,
-            block_size=BLOCK,
+            block_size=p.block,
             accuracy_level=self.accuracy_level,
         )[0]
         if p.correction is None:
             return y
-        # Exact Q4_1: y += blocksum(x) @ C^T with C = m + d*(z - off) per block (see quant.py). The block
-        # sums are of the exact activations, so this term adds no rounding of its own; Gemm folds the add.
+        # Block offsets (Q4_1, Q5_1, K-quant mins): y += blocksum(x) @ C^T with C = o + s*(z - off) per
+        # block (see quant.py). The block sums are of the exact activations, so this term adds no rounding
+        # of its own; Gemm folds the add.
         self.report.corrected_matrices += 1
-        sums = g.op("MatMul", [x, self._block_indicator(p.k)])[0]
+        sums = g.op("MatMul", [x, self._block_indicator(p.k, p.block)])[0]
         ct = g.init(f"{tag}.correction", np.ascontiguousarray(p.correction.T))
         return g.op("Gemm", [sums, ct, y])[0]
 
@@ -189,7 +183,7 @@ class LlamaGraphBuilder:
         t = self._tensor("token_embd.weight")
         if self.precision == "fp32":
             return None, self.g.init("token_embd.weight", dequantize(t))
-        p = pack_matrix(t, 8)  # 8-bit rows need no nibble unpacking; exact for Q8_0 and Q4_x
+        p = pack_matrix(t, 8)  # 8-bit rows need no nibble unpacking; exact for every integer type
         if not p.exact:
             self.report.exact = False
         self.g.init("token_embd.scales", p.scales)  # [V, nb]
@@ -230,11 +224,11 @@ class LlamaGraphBuilder:
             K=hp.n_embd,
             N=hp.n_vocab,
             bits=8,
-            block_size=BLOCK,
+            block_size=emb_packed.block,
             accuracy_level=self.accuracy_level,
         )[0]
         if emb_packed.correction is not None:
-            sums = g.op("MatMul", [x, self._block_indicator(hp.n_embd)])[0]
+            sums = g.op("MatMul", [x, self._block_indicator(hp.n_embd, emb_packed.block)])[0]
             ct = g.init("lm_head.correction", np.ascontiguousarray(emb_packed.correction.T))
             y = g.op("Add", [y, g.op("MatMul", [sums, ct])[0]])[0]
         return y
@@ -413,3 +407,24 @@ def embedding_locations(graph_path: Path) -> dict[str, dict[str, object]]:
             "shape": list(init.dims),
         }
     return found
+
+
+def _stack(parts: list[PackedMatrix]) -> PackedMatrix:
+    """Matrices of one form stacked on N: one MatMulNBits for all (a correction of zeros where needed)."""
+    if len(parts) == 1:
+        return parts[0]
+    corr = None
+    if any(p.correction is not None for p in parts):
+        corr = np.concatenate(
+            [p.correction if p.correction is not None else np.zeros_like(p.scales) for p in parts]
+        )
+    return PackedMatrix(
+        n=sum(p.n for p in parts),
+        k=parts[0].k,
+        bits=parts[0].bits,
+        block=parts[0].block,
+        packed=np.concatenate([p.packed for p in parts]),
+        scales=np.concatenate([p.scales for p in parts]),
+        correction=corr,
+        exact=all(p.exact for p in parts),
+    )
