@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import onnx
@@ -31,7 +31,11 @@ OPSET = 21
 MS = "com.microsoft"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 6  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 6
+ALIGN = 4096  # weight offsets in the data file: page-aligned, so they can be mapped
+INLINE_BYTES = (
+    1024  # smaller initializers stay inside model.onnx  # bump when the graph changes, so imports are redone
+)
 
 
 @dataclass
@@ -46,11 +50,20 @@ class BuildReport:
 
 
 class _Graph:
-    """A thin accumulator of nodes and initializers with unique names."""
+    """A thin accumulator of nodes and initializers with unique names.
 
-    def __init__(self) -> None:
+    Initializers are streamed: each array's bytes go to the weight file the moment it is made (at a
+    page-aligned offset, so onnxruntime and the engine can map them), and the graph keeps only a
+    reference. Peak memory while importing is then about one tensor at a time, not the whole model
+    several times over (protobuf copies, then serialisation).
+    """
+
+    def __init__(self, data: BinaryIO | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.names: set[str] = set()
+        self.locations: dict[str, dict[str, object]] = {}  # name -> file, offset, length, dtype, shape
+        self._data = data
         self._n = 0
 
     def name(self, base: str) -> str:
@@ -58,7 +71,28 @@ class _Graph:
         return f"{base}_{self._n}"
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        self.names.add(name)
+        if self._data is None or array.nbytes < INLINE_BYTES:
+            self.inits.append(numpy_helper.from_array(array, name))
+            return name
+        offset = -self._data.tell() % ALIGN + self._data.tell()
+        self._data.seek(offset)
+        self._data.write(memoryview(array).cast("B"))
+        t = onnx.TensorProto(
+            name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype)
+        )
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        self.inits.append(t)
+        self.locations[name] = {
+            "file": WEIGHTS_FILE,
+            "offset": offset,
+            "length": array.nbytes,
+            "dtype": array.dtype.name,
+            "shape": list(array.shape),
+        }
         return name
 
     def op(
@@ -87,6 +121,7 @@ class LlamaGraphBuilder:
         precision: Precision,
         accuracy_level: int = 4,
         progress: Callable[[int, int], None] | None = None,
+        data: BinaryIO | None = None,  # the weight file initializers stream into (None: kept in memory)
     ) -> None:
         if precision not in PRECISIONS:
             raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -95,7 +130,7 @@ class LlamaGraphBuilder:
         self.precision = precision
         self.accuracy_level = accuracy_level
         self.progress = progress or (lambda _i, _n: None)
-        self.g = _Graph()
+        self.g = _Graph(data)
         self.report = BuildReport(precision=precision)
 
     # -- weights ----------------------------------------------------------------------------------------
@@ -113,6 +148,8 @@ class LlamaGraphBuilder:
         a common form (8 bits, 16-weight blocks) would hold them exactly too, but read more bytes per
         token than the sources do, and decode speed is bytes per token."""
         parts = [pack_matrix(self._tensor(n), self._bits_for(self._tensor(n))) for n in names]
+        for n in names:
+            self.gguf.release(n)
         if any(not p.exact for p in parts):
             self.report.exact = False
         groups: list[list[PackedMatrix]] = []
@@ -126,7 +163,7 @@ class LlamaGraphBuilder:
     def _block_indicator(self, k: int, block: int) -> str:
         """E [K, K/block] with E[i, b] = 1 when element i is in block b: x @ E gives the block sums."""
         name = f"block_indicator.{k}.{block}"
-        if not any(t.name == name for t in self.g.inits):
+        if name not in self.g.names:
             e = np.zeros((k, k // block), dtype=np.float32)
             e[np.arange(k), np.arange(k) // block] = 1.0
             self.g.init(name, e)
@@ -137,6 +174,8 @@ class LlamaGraphBuilder:
         g = self.g
         if self.precision == "fp32":
             w = np.concatenate([dequantize(self._tensor(n)) for n in names])  # [N, K]
+            for n in names:
+                self.gguf.release(n)
             return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
         packs = self._packs(names)
         outs = [
@@ -184,6 +223,7 @@ class LlamaGraphBuilder:
         if self.precision == "fp32":
             return None, self.g.init("token_embd.weight", dequantize(t))
         p = pack_matrix(t, 8)  # 8-bit rows need no nibble unpacking; exact for every integer type
+        self.gguf.release(t.name)
         if not p.exact:
             self.report.exact = False
         self.g.init("token_embd.scales", p.scales)  # [V, nb]
@@ -374,39 +414,16 @@ def build_onnx(
     progress: Callable[[int, int], None] | None = None,
 ) -> BuildReport:
     """Build and write `model.onnx` + `model.onnx.data` into `out_dir` (which the caller makes atomic)."""
-    builder = LlamaGraphBuilder(gguf, precision, progress=progress)
-    model = builder.build()
     out = Path(out_dir)
-    onnx.save_model(
-        model,
-        str(out / GRAPH_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=WEIGHTS_FILE,
-        size_threshold=1024,
-    )
-    builder.report.embedding = embedding_locations(out / GRAPH_FILE)
+    with open(out / WEIGHTS_FILE, "wb") as data:
+        builder = LlamaGraphBuilder(gguf, precision, progress=progress, data=data)
+        model = builder.build()
+    onnx.save_model(model, str(out / GRAPH_FILE))  # the graph and small constants; weights are written
+    locations = builder.g.locations
+    builder.report.embedding = {
+        role: locations[name] for name, role in EMBEDDING_TENSORS.items() if name in locations
+    }
     return builder.report
-
-
-def embedding_locations(graph_path: Path) -> dict[str, dict[str, object]]:
-    """Byte ranges of the embedding table's initializers in the weight file (for the manifest)."""
-    saved = onnx.load(str(graph_path), load_external_data=False)
-    found: dict[str, dict[str, object]] = {}
-    for init in saved.graph.initializer:
-        role = EMBEDDING_TENSORS.get(init.name)
-        if role is None:
-            continue
-        info = {e.key: e.value for e in init.external_data}
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-        found[role] = {
-            "file": info["location"],
-            "offset": int(info.get("offset", 0)),
-            "length": int(info["length"]),
-            "dtype": np.dtype(dtype).name,
-            "shape": list(init.dims),
-        }
-    return found
 
 
 def _stack(parts: list[PackedMatrix]) -> PackedMatrix:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmos.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256, default_gguf_path, sha256_file
+from llmos.engine.memory import release_free_heap
 from llmos.errors import (
     LlmosError,
     ModelCorruptError,
@@ -194,6 +196,7 @@ class ModelStore:
         step("tokenizer", 0, 1)
         tok = Tokenizer.from_gguf(gguf)
         tok.save(out)
+        gguf.drop_vocabulary()  # built and saved: the reader's per-token views are ~160 MB
         step("tokenizer", 1, 1)
         try:
             report = build_onnx(gguf, precision, out, progress=lambda i, n: step("graph", i, n))
@@ -242,10 +245,15 @@ class ModelStore:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # loading is the check: prepacked copies of every weight would double the import's peak memory
+        so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelImportError(f"the built graph does not load in onnxruntime: {e}") from e
+        finally:
+            gc.collect()
+            release_free_heap()
 
     def _publish(self, tmp: Path, target: Path) -> None:
         for f in tmp.iterdir():
