@@ -77,8 +77,9 @@ PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
 # engine) run meanwhile; shorter ones take microseconds and the single-text call is cheaper for them.
 GIL_FREE_CHARS = 8192
 
-# Token texts that end a turn in the chat formats llmos meets; they stop generation like EOS does.
-_END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>")
+# Token texts that end a turn in the chat formats llmos meets; they stop generation like EOS does
+# (llama.cpp's end-of-generation list has them too).
+_END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>")
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -281,7 +282,9 @@ class Tokenizer:
 
         With `parse_special`, control-token text such as `<|im_start|>` becomes that token's id (what
         a rendered chat template needs); without it, such text is tokenized as ordinary characters (what
-        untrusted user text needs, so it cannot forge turn boundaries).
+        untrusted user text needs, so it cannot forge turn boundaries). A text that already starts with
+        the BOS token (a chat template that writes `{{ bos_token }}`, as Llama 3's and Gemma's do) does
+        not get a second one: llama.cpp's chat path strips the template's BOS for the same reason.
         """
         hf = self._hf if parse_special else self._raw()
         try:
@@ -291,7 +294,7 @@ class Tokenizer:
                 ids = hf.encode_batch([text], add_special_tokens=False)[0].ids
         except TypeError as e:  # not a str, or a str with lone surrogates (not encodable as UTF-8)
             raise TokenizerError(f"cannot tokenize {type(text).__name__}: need text of valid Unicode") from e
-        if self.add_bos and self.bos_id is not None:
+        if self.add_bos and self.bos_id is not None and not (parse_special and ids[:1] == [self.bos_id]):
             ids.insert(0, self.bos_id)
         return ids
 
