@@ -38,6 +38,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 
 from llmos.model_templates import GEMMA3_TEMPLATE, QWEN3_TEMPLATE
+from llmos.tiny_spm import SpmVocab, tiny_spm_vocab
 
 WEIGHT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -333,6 +334,8 @@ def write_random_gguf(
     rope_freq_factors: np.ndarray | None = None,
     rope_scaling_factor: float | None = None,
     final_logit_softcap: float | None = None,
+    tokenizer: str | None = None,
+    add_space_prefix: bool = False,
 ) -> Path:
     """Write a complete, valid tiny GGUF (metadata, tokenizer, weights) and return its path.
 
@@ -341,8 +344,10 @@ def write_random_gguf(
     `n_embd`, as in Qwen3 and Gemma 3. `chat_template` defaults to the architecture's real one.
     `sliding_window` (gemma3, default 4) is the window of 5 layers in 6; `rope_freq_factors` (llama) is
     written as `rope_freqs.weight` (see `llama3_rope_factors`); `rope_scaling_factor` as linear rope
-    scaling (`rope.scaling.type`/`factor`), as Gemma 3 4B+ files have it. Raises ValueError for shapes a
-    real file could not have.
+    scaling (`rope.scaling.type`/`factor`), as Gemma 3 4B+ files have it. `tokenizer` is "bpe" (the
+    byte-level vocabulary above) or "spm" (SentencePiece, llmos/tiny_spm.py; gemma3's default, as real
+    Gemma files have it; `add_space_prefix` as llama.cpp reads it). Raises ValueError for shapes a real
+    file could not have.
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}")
@@ -361,7 +366,14 @@ def write_random_gguf(
             f"bad attention shape: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv}, head_dim {hd}"
         )
     gemma = arch == "gemma3"
-    vocab = tiny_vocab(n_vocab, GEMMA_SPECIAL_TOKENS if gemma else ())
+    kind = tokenizer or ("spm" if gemma else "bpe")
+    if kind not in ("bpe", "spm"):
+        raise ValueError(f"tokenizer must be 'bpe' or 'spm', not {tokenizer!r}")
+    vocab: TinyVocab | SpmVocab
+    if kind == "spm":
+        vocab = tiny_spm_vocab(n_vocab)
+    else:
+        vocab = tiny_vocab(n_vocab, GEMMA_SPECIAL_TOKENS if gemma else ())
     n_vocab = len(vocab.tokens)
     weights = random_weights(
         arch=arch,
@@ -408,12 +420,20 @@ def write_random_gguf(
     w.add_rope_dimension_count(hd)
     w.add_quantization_version(2)
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tokenizer_pre or ("qwen2" if arch == "qwen3" else "smollm"))
-    w.add_token_list(vocab.tokens)
-    w.add_token_types(vocab.token_types)
-    w.add_token_merges(vocab.merges)
-    if gemma:  # Gemma: <bos> first in every prompt, <eos> ends the text (<end_of_turn> a turn)
+    if isinstance(vocab, SpmVocab):  # SentencePiece, as llama.cpp's converter writes Gemma's
+        w.add_tokenizer_model("llama")
+        w.add_token_list(vocab.tokens)
+        w.add_token_scores(vocab.scores)
+        w.add_token_types(vocab.token_types)
+        w.add_add_space_prefix(add_space_prefix)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tokenizer_pre or ("qwen2" if arch == "qwen3" else "smollm"))
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.token_types)
+        w.add_token_merges(vocab.merges)
+        w.add_add_space_prefix(False)
+    if isinstance(vocab, SpmVocab) or gemma:  # Gemma: <bos> first in every prompt, <eos> ends the text
         w.add_bos_token_id(vocab.tokens.index("<bos>"))
         w.add_eos_token_id(vocab.tokens.index("<eos>"))
         w.add_add_bos_token(True)
@@ -423,7 +443,6 @@ def write_random_gguf(
         w.add_add_bos_token(False)
     w.add_unk_token_id(vocab.unk_id)
     w.add_pad_token_id(vocab.pad_id)
-    w.add_add_space_prefix(False)
     w.add_chat_template(default_template(arch) if chat_template is None else chat_template)
 
     for name, array in weights.items():
