@@ -250,6 +250,20 @@ def test_gemma3_variants_match_llama_cpp(work: Path, extra: dict[str, float]) ->
     _far_from_llama_cpp(plain, path, str(extra))
 
 
+def test_gemma3_chunked_prefill_equals_one_shot(work: Path) -> None:
+    """Chunks of 7 after a past: the window (5) reaches back into keys of earlier chunks."""
+    engine = _engine(work, _gguf(work, "gemma3", "F32"), "fp32")
+    ids = _ids(engine.manifest.n_vocab)
+    whole, chunked = engine.pool.allocate(), engine.pool.allocate()
+    expect = engine.runner.prefill(whole, ids, all_logits=True)
+    got = np.concatenate(
+        [engine.runner.prefill(chunked, ids[i : i + 7], all_logits=True) for i in range(0, len(ids), 7)]
+    )
+    whole.free()
+    chunked.free()
+    assert np.abs(got - expect).max() <= 1e-4
+
+
 def test_gemma3_batched_decode_equals_one_by_one(work: Path) -> None:
     """Sequences of different lengths in one batch each keep their own sliding window."""
     engine = _engine(work, _gguf(work, "gemma3", "Q4_0"), "int4")
