@@ -11,7 +11,8 @@ following llama.cpp's semantics (src/models/*.cpp) step by step:
               rotary on q, k at absolute positions: llama rotates ADJACENT pairs (x[2i], x[2i+1])
                 (LLAMA_ROPE_TYPE_NORM), the others HALF-SPLIT pairs (x[i], x[i+hd/2]) (NEOX), by the
                 angle pos * freq_scale * theta^(-2i/head_dim) / factor[i]   (factor: llama's rope_freqs,
-                freq_scale: 1/rope.scaling.factor; gemma3's sliding-window layers: theta 10000, unscaled)
+                freq_scale: 1/rope.scaling.factor; gemma3's sliding-window layers: theta 10000 or
+                rope.freq_base_swa, unscaled)
               grouped-query attention: query head h reads kv head h // (n_head / n_head_kv),
                 causal, scores scaled by 1/sqrt(head_dim) (gemma3 27B: 1/sqrt(n_embd/n_head));
                 gemma3's sliding-window layers (i % 6 < 5) see only keys with q_pos - k_pos < window
@@ -62,6 +63,7 @@ class ReferenceConfig:
     rope_freq_scale: float = 1.0
     rope_factors: tuple[float, ...] | None = None  # llama's rope_freqs.weight
     sliding_window: int = 0
+    rope_theta_local: float = 10000.0  # gemma3's sliding-window layers (`rope.freq_base_swa` if given)
     final_logit_softcap: float = 0.0
 
     @property
@@ -114,6 +116,7 @@ class ReferenceConfig:
             rope_freq_scale=1.0 / factor if factor and scaling != "none" else 1.0,
             rope_factors=None if factors is None else tuple(factors.ravel().tolist()),
             sliding_window=int(meta(f"{arch}.attention.sliding_window", 0)) if arch == "gemma3" else 0,
+            rope_theta_local=float(meta(f"{arch}.rope.freq_base_swa", 10000.0)),
             final_logit_softcap=float(meta(f"{arch}.final_logit_softcapping", 0.0)),
         )
 
@@ -208,8 +211,8 @@ class ReferenceLlama:
             q = rms_norm(q, self.w[p + "attn_q_norm.weight"], c.rms_eps)
             k = rms_norm(k, self.w[p + "attn_k_norm.weight"], c.rms_eps)
         local = c.is_local(layer)
-        if local:  # gemma3's sliding-window layers: base 10000, no scaling
-            rope = {"theta": 10000.0, "freq_scale": 1.0, "factors": None}
+        if local:  # gemma3's sliding-window layers: their own base (10000), no scaling
+            rope = {"theta": c.rope_theta_local, "freq_scale": 1.0, "factors": None}
         else:
             rope = {"theta": c.rope_theta, "freq_scale": c.rope_freq_scale, "factors": c.rope_factors}
         q = apply_rope(q, positions, neox=c.neox_rope, **rope)  # type: ignore[arg-type]

@@ -250,6 +250,21 @@ def test_gemma3_variants_match_llama_cpp(work: Path, extra: dict[str, float]) ->
     _far_from_llama_cpp(plain, path, str(extra))
 
 
+def test_gemma3_local_rotary_base_from_the_file(work: Path) -> None:
+    """`gemma3.rope.freq_base_swa` (absent from Google's files, where llama.cpp uses 10000) is honoured
+    by llama.cpp when present, so by llmos too."""
+    path = copy_with_metadata(
+        _gguf(work, "gemma3", "F32"), work / "gemma3-swa-base.gguf", {"gemma3.rope.freq_base_swa": 5000.0}
+    )
+    assert GGUFFile(path).hparams().rope_theta_local == 5000.0
+    ref, theirs = ReferenceLlama.from_gguf(path), _llama_cpp_logits(path)
+    np.testing.assert_allclose(ref.forward(_ids(ref.cfg.n_vocab)), theirs, rtol=0, atol=1e-2)
+    assert np.abs(_llmos_logits(work, path, "fp32") - theirs).max() <= 1e-2
+    _far_from_llama_cpp(
+        ReferenceLlama(ref.w, dataclasses.replace(ref.cfg, rope_theta_local=10000.0)), path, "its base"
+    )
+
+
 def test_gemma3_chunked_prefill_equals_one_shot(work: Path) -> None:
     """Chunks of 7 after a past: the window (5) reaches back into keys of earlier chunks."""
     engine = _engine(work, _gguf(work, "gemma3", "F32"), "fp32")
