@@ -31,11 +31,9 @@ OPSET = 21
 MS = "com.microsoft"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 6
+BUILDER_VERSION = 7  # bump when the graph changes, so imports are redone
 ALIGN = 4096  # weight offsets in the data file: page-aligned, so they can be mapped
-INLINE_BYTES = (
-    1024  # smaller initializers stay inside model.onnx  # bump when the graph changes, so imports are redone
-)
+INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
 
 
 @dataclass
@@ -273,15 +271,106 @@ class LlamaGraphBuilder:
             y = g.op("Add", [y, g.op("MatMul", [sums, ct])[0]])[0]
         return y
 
-    def _rope_cache(self) -> tuple[str, str]:
+    def _rope_cache(self, local: bool = False) -> tuple[str, str]:
+        """cos/sin [context, head_dim/2] for GroupQueryAttention: the angle of position p and frequency i
+        is p * freq_scale * theta^(-2i/head_dim) / factor[i], as ggml_rope_ext computes it without YaRN.
+        Global layers use the file's base, linear scaling and llama 3.x `rope_freqs` factors; gemma3's
+        sliding-window layers their own base, unscaled (llama.cpp's rope_freq_*_train_swa)."""
         hp = self.hp
+        if local:
+            name, theta, scale, factors = "rope_local", hp.rope_theta_local, 1.0, None
+        else:
+            name, theta, scale, factors = "rope", hp.rope_theta, hp.rope_freq_scale, hp.rope_freq_factors
+        if any(t.name == f"{name}.cos" for t in self.g.inits):
+            return f"{name}.cos", f"{name}.sin"
         half = hp.head_dim // 2
-        inv_freq = 1.0 / (hp.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / hp.head_dim))
-        angles = np.outer(np.arange(hp.context_length, dtype=np.float64), inv_freq)
+        inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / hp.head_dim))
+        if factors is not None:
+            inv_freq = inv_freq / np.asarray(factors, dtype=np.float64)
+        angles = np.outer(np.arange(hp.context_length, dtype=np.float64) * scale, inv_freq)
         return (
-            self.g.init("rope.cos", np.cos(angles).astype(np.float32)),
-            self.g.init("rope.sin", np.sin(angles).astype(np.float32)),
+            self.g.init(f"{name}.cos", np.cos(angles).astype(np.float32)),
+            self.g.init(f"{name}.sin", np.sin(angles).astype(np.float32)),
         )
+
+    def _norm_weight(self, name: str) -> str:
+        return self.g.init(name, dequantize(self._tensor(name)))
+
+    def _rms_norm(self, x: str, weight_name: str) -> str:
+        return self.g.op(
+            "SimplifiedLayerNormalization",
+            [x, self._norm_weight(weight_name)],
+            axis=-1,
+            epsilon=float(self.hp.rms_eps),
+            stash_type=1,
+        )[0]
+
+    def _qk_norm(self, qkv: str, p: str) -> str:
+        """qwen3, gemma3: an RMS norm over each head of q and of k (weights [head_dim]) before the rotary
+        GroupQueryAttention applies; v passes through. [tokens, q_dim + 2 kv_dim] in and out, so the
+        packed input, the KV cache and the engine stay as they are."""
+        g, hp = self.g, self.hp
+        kv = hp.n_head_kv * hp.head_dim
+        q, k, v = g.op("Split", [qkv, g.const(np.array([hp.q_dim, kv, kv], np.int64))], n_out=3, axis=-1)
+        per_head = g.const(np.array([-1, hp.head_dim], np.int64))
+        normed = []
+        for x, name, width in ((q, "attn_q_norm", hp.q_dim), (k, "attn_k_norm", kv)):
+            y = self._rms_norm(g.op("Reshape", [x, per_head])[0], f"{p}{name}.weight")
+            normed.append(g.op("Reshape", [y, g.const(np.array([-1, width], np.int64))])[0])
+        return g.op("Concat", [*normed, v], axis=-1)[0]
+
+    def _ffn_activation(self, gate: str, up: str) -> str:
+        g = self.g
+        if self.hp.ffn_activation == "gelu_tanh":  # gemma: GELU, tanh approximation (ggml_gelu)
+            act = g.op("Gelu", [gate], approximate="tanh")[0]
+        else:
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]  # SiLU
+        return g.op("Mul", [act, up])[0]
+
+    def _attention(self, normed: str, i: int, shape_3d: str) -> str:
+        """Self-attention of layer i on 2-D [tokens, n_embd]: the output projection's input, 2-D."""
+        g, hp = self.g, self.hp
+        p = f"blk.{i}."
+        qkv_names = [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
+        qkv = self._bias(
+            self._linear(normed, qkv_names, f"{p}attn_qkv"),
+            [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"],
+            f"{p}attn_qkv",
+        )
+        if hp.qk_norm:
+            qkv = self._qk_norm(qkv, p)
+        local = i in hp.local_layers
+        cos, sin = self._rope_cache(local)
+        window: dict[str, object] = {}
+        if local:
+            # llama.cpp masks keys with q_pos - k_pos >= window, so a query sees `window` keys, itself
+            # included; onnxruntime's local_window_size counts the same way (measured against the numpy
+            # reference and llama.cpp, prefill and decode: tests/test_architectures.py)
+            window["local_window_size"] = hp.sliding_window
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [
+                g.op("Reshape", [qkv, shape_3d])[0],
+                "",
+                "",
+                f"past_key.{i}",
+                f"past_value.{i}",
+                "seqlens_k",
+                "total_sequence_length",
+                cos,
+                sin,
+            ],
+            domain=MS,
+            out=[g.name("attn"), f"present_key.{i}", f"present_value.{i}"],
+            num_heads=hp.n_head,
+            kv_num_heads=hp.n_head_kv,
+            do_rotary=1,
+            # llama GGUFs permute Q/K rows for ggml's adjacent-pair rope; the others keep the NEOX halves.
+            rotary_interleaved=1 if hp.rope_interleaved else 0,
+            scale=hp.kq_scale,
+            **window,
+        )
+        return g.op("Reshape", [attn, g.const(np.array([-1, hp.q_dim], dtype=np.int64))])[0]
 
     def build(self) -> onnx.ModelProto:
         g, hp = self.g, self.hp
@@ -291,18 +380,18 @@ class LlamaGraphBuilder:
         # only attention needs the [batch, seq, features] view back.
         i64 = np.int64
         x = g.op("Reshape", ["inputs_embeds", g.const(np.array([-1, hp.n_embd], dtype=i64))])[0]
+        if hp.embedding_scale != 1.0:  # gemma: the looked-up rows x sqrt(n_embd), in float32 as llama.cpp
+            x = g.op("Mul", [x, g.const(np.array(hp.embedding_scale, dtype=np.float32))])[0]
         batch_seq = g.op(
             "Slice",
             [g.op("Shape", ["inputs_embeds"])[0], g.const(np.array([0], i64)), g.const(np.array([2], i64))],
         )[0]
         shape_3d = g.op("Concat", [batch_seq, g.const(np.array([-1], dtype=i64))], axis=0)[0]
-        shape_2d = g.const(np.array([-1, hp.n_head * hp.head_dim], dtype=i64))
-        cos, sin = self._rope_cache()
         residual: str | None = None
         branch = x  # the output of the previous sub-block, not yet added to the residual stream
         for i in range(hp.n_layer):
             p = f"blk.{i}."
-            attn_norm = g.init(f"{p}attn_norm.weight", dequantize(self._tensor(p + "attn_norm.weight")))
+            attn_norm = self._norm_weight(f"{p}attn_norm.weight")
             if residual is None:
                 normed = g.op(
                     "SimplifiedLayerNormalization", [branch, attn_norm], axis=-1, epsilon=eps, stash_type=1
@@ -316,55 +405,34 @@ class LlamaGraphBuilder:
                     domain=MS,
                     epsilon=eps,
                 )
-            qkv_names = [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
-            qkv = self._bias(
-                self._linear(normed, qkv_names, f"{p}attn_qkv"),
-                [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"],
-                f"{p}attn_qkv",
-            )
-            attn, _, _ = g.op(
-                "GroupQueryAttention",
-                [
-                    g.op("Reshape", [qkv, shape_3d])[0],
-                    "",
-                    "",
-                    f"past_key.{i}",
-                    f"past_value.{i}",
-                    "seqlens_k",
-                    "total_sequence_length",
-                    cos,
-                    sin,
-                ],
-                domain=MS,
-                out=[g.name("attn"), f"present_key.{i}", f"present_value.{i}"],
-                num_heads=hp.n_head,
-                kv_num_heads=hp.n_head_kv,
-                do_rotary=1,
-                # llama GGUFs permute Q/K rows for ggml's adjacent-pair rope; qwen2 keeps the NEOX halves.
-                rotary_interleaved=1 if hp.architecture == "llama" else 0,
-                scale=float(1.0 / np.sqrt(hp.head_dim)),
-            )
-            attn = g.op("Reshape", [attn, shape_2d])[0]
+            attn = self._attention(normed, i, shape_3d)
             o = self._linear(attn, [p + "attn_output.weight"], f"{p}attn_output")
-            ffn_norm = g.init(f"{p}ffn_norm.weight", dequantize(self._tensor(p + "ffn_norm.weight")))
+            if hp.post_norms:  # gemma: the sub-block's output is normed before it joins the residual
+                o = self._rms_norm(o, f"{p}post_attention_norm.weight")
+            ffn_norm = self._norm_weight(f"{p}ffn_norm.weight")
             normed, _, _, residual = g.op(
                 "SkipSimplifiedLayerNormalization", [o, residual, ffn_norm], n_out=4, domain=MS, epsilon=eps
             )
             gate_up = self._linear(normed, [p + "ffn_gate.weight", p + "ffn_up.weight"], f"{p}ffn_gate_up")
             gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
-            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]
-            branch = self._linear(act, [p + "ffn_down.weight"], f"{p}ffn_down")
+            branch = self._linear(self._ffn_activation(gate, up), [p + "ffn_down.weight"], f"{p}ffn_down")
+            if hp.post_norms:
+                branch = self._rms_norm(branch, f"{p}post_ffw_norm.weight")
             self.progress(i + 1, hp.n_layer)
         assert residual is not None
         # Only the positions asked for reach the final norm and the head.
         idx = g.op("Unsqueeze", ["logit_positions", g.const(np.array([-1], dtype=i64))])[0]
         branch = g.op("GatherND", [g.op("Reshape", [branch, shape_3d])[0], idx], batch_dims=1)[0]
         residual = g.op("GatherND", [g.op("Reshape", [residual, shape_3d])[0], idx], batch_dims=1)[0]
-        out_norm = g.init("output_norm.weight", dequantize(self._tensor("output_norm.weight")))
+        out_norm = self._norm_weight("output_norm.weight")
         final, _, _, _ = g.op(
             "SkipSimplifiedLayerNormalization", [branch, residual, out_norm], n_out=4, domain=MS, epsilon=eps
         )
         logits = self._head(final, emb_packed, emb_name)
+        if hp.final_logit_softcap > 0:  # gemma2-style: c * tanh(logits / c)
+            c = np.float32(hp.final_logit_softcap)
+            scaled = g.op("Mul", [logits, g.const(np.array(1.0 / c, dtype=np.float32))])[0]
+            logits = g.op("Mul", [g.op("Tanh", [scaled])[0], g.const(np.array(c, dtype=np.float32))])[0]
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         return self._model()
 

@@ -268,7 +268,9 @@ class AgentRun:
         prompt: Any
         prompt, tools = plain_prompt(messages, tools, self._specials)
         if tools is not None and d.model.chat_template is not None:  # rendered here: the tools go in
-            prompt = d.model.chat_template.render(prompt, tools=tools)
+            # a step is a call or the answer, constrained from its first token: a thinking model (Qwen3)
+            # is asked to answer directly, as its template offers, rather than open a <think> block
+            prompt = d.model.chat_template.render(prompt, tools=tools, enable_thinking=False)
         if schema is not None and grammar is None:
             # an agent's schema (a step's grows with every usable tool) is the daemon's own, so it is not
             # held to the size limit of callers' schemas: it goes in as a grammar of that schema
