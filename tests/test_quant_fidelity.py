@@ -44,11 +44,23 @@ TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 1000, 48)]
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("quant")
-    return write_random_gguf(
-        d / "f32.gguf", n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=1024, seed=7
-    )
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quant")
+
+
+def tiny(workdir: Path, arch: str) -> Path:
+    path = workdir / arch / "f32.gguf"
+    if not path.exists():
+        path.parent.mkdir()
+        write_random_gguf(
+            path, arch=arch, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=1024, seed=7
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(workdir: Path) -> Path:
+    return tiny(workdir, "llama")
 
 
 def quantize(src: Path, ftype: str) -> Path:
@@ -88,6 +100,16 @@ def top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("ftype", FTYPES)
 def test_every_format_is_carried_exactly_and_computes_like_llama_cpp(source: Path, ftype: str) -> None:
+    check_format(source, ftype)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K", "IQ4_XS"])
+def test_k_quants_on_every_architecture(workdir: Path, arch: str, ftype: str) -> None:
+    check_format(tiny(workdir, arch), ftype)
+
+
+def check_format(source: Path, ftype: str) -> None:
     path = quantize(source, ftype)
     types = {GGUFFile(path).tensor(n).qtype.name for n in GGUFFile(path).tensor_names()}
     store = ModelStore(source.parent / "store")
