@@ -19,10 +19,16 @@ imports it again.
   and the engine waits for it before its warm-up run: damaged weights never compute a token. The load
   pays only what the hashing does not overlap (figures in docs/performance.md); reading the file also
   brings it into the page cache, which onnxruntime reads next.
-- **What it protects against**: damage (disk, copy, an interrupted edit) and changes made since the
-  import, by anyone without write access to the manifest too. It is not a signature: whoever can write
-  the manifest can write matching digests, which is why the system store belongs to the `llmos` user.
-  A file changed after the check, while the model is loaded, is caught at the next load.
+- **Reloads read only what changed**: the daemon reloads the model after each idle unload. A file this
+  process verified is not read again while its inode, size, mtime and ctime are those it had when it was
+  read: any write, truncation, rename over it or chmod changes its ctime, which no unprivileged process
+  can set back (`touch` sets mtime, and doing so moves ctime). A damaged file is read, and refused, at
+  the next load; an untouched model reloads for a few `stat` calls. A new process (a daemon restart,
+  the CLI) reads every file again.
+- **What it protects against**: damage (disk, copy, an interrupted edit) and any change made since the
+  import that did not also rewrite the manifest. It is not a signature: whoever can write the manifest
+  can write matching digests, which is why the system store belongs to the `llmos` user. A file changed
+  after the check, while the model is loaded, is caught at the next load.
 - **Manifests from before digests** have no `files`: the files that must be there are checked for, and
   a warning says once per process and directory how to re-import to get verification (a re-import of
   the same source rebuilds such a directory, `ModelStore._is_current`).
@@ -45,6 +51,9 @@ log = logging.getLogger("llmos.integrity")
 CHUNK = 1 << 20
 _warned: set[Path] = set()
 _warned_lock = threading.Lock()
+# file → (its stat identity when it was read, its sha256): what this process has verified
+_verified: dict[Path, tuple[tuple[int, ...], str]] = {}
+_verified_lock = threading.Lock()
 
 
 def sha256_of(path: Path) -> str:
@@ -93,16 +102,20 @@ class ModelCheck:
     def __init__(self, directory: str | os.PathLike[str], manifest: ModelManifest) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
+        self.hashed: list[str] = []  # the files this check reads (the others were verified unchanged)
+        self._identity: dict[str, tuple[int, ...]] = {}  # each file's stat before it is read
         self._futures: dict[str, Future[str]] = {}
 
     @classmethod
     def start(cls, directory: str | os.PathLike[str], manifest: ModelManifest) -> ModelCheck:
         """Check presence and sizes, and the small files that get parsed (graph, tokenizer: ~2 ms), now;
-        start hashing the weight file, which is only read as numbers, on a thread."""
+        start hashing the weight file, which is only read as numbers, on a thread. Files verified
+        earlier in this process and unchanged since (same inode, size, mtime and ctime) are not read."""
         check = cls(directory, manifest)
         check._check_present()
-        later = [n for n in manifest.files if n == manifest.weights_file]
-        for name in manifest.files:
+        check.hashed = [n for n in manifest.files if not check._unchanged_since_verified(n)]
+        later = [n for n in check.hashed if n == manifest.weights_file]
+        for name in check.hashed:
             if name not in later:
                 check._compare(name, check._hash(name))
         check._futures = dict(zip(later, _hash_all([check.directory / n for n in later]), strict=True))
@@ -117,6 +130,11 @@ class ModelCheck:
                 raise self._unreadable(name, e) from None
             self._compare(name, digest)
 
+    def _unchanged_since_verified(self, name: str) -> bool:
+        key = (self.directory / name).absolute()
+        with _verified_lock:
+            return _verified.get(key) == (self._identity[name], self.manifest.files[name].sha256)
+
     def _hash(self, name: str) -> str:
         try:
             return sha256_of(self.directory / name)
@@ -129,6 +147,8 @@ class ModelCheck:
                 f"{self.directory / name} does not match its digest from import (damaged or changed "
                 f"since); re-import it: {self._fix()}"
             )
+        with _verified_lock:  # with its stat from before the read: a change during the read shows next time
+            _verified[(self.directory / name).absolute()] = (self._identity[name], digest)
 
     def _check_present(self) -> None:
         m, d = self.manifest, self.directory
@@ -145,18 +165,19 @@ class ModelCheck:
         for name, expected in m.files.items():
             path = d / name
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except FileNotFoundError:
                 raise ModelCorruptError(
                     f"{path} is missing (a damaged import, or deleted since); re-import it: {self._fix()}"
                 ) from None
             except OSError as e:
                 raise self._unreadable(name, e) from None
-            if size != expected.size:
+            if st.st_size != expected.size:
                 raise ModelCorruptError(
-                    f"{path} is {size} bytes but import wrote {expected.size} (truncated or changed since); "
-                    f"re-import it: {self._fix()}"
+                    f"{path} is {st.st_size} bytes but import wrote {expected.size} (truncated or changed "
+                    f"since); re-import it: {self._fix()}"
                 )
+            self._identity[name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _unreadable(self, name: str, e: OSError) -> Exception:
         what = f"{self.directory / name} cannot be read ({e.strerror or e})"

@@ -24,6 +24,7 @@ from llmos.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import ModelCorruptError
 from llmos.manifest import MANIFEST_FILE, ModelManifest
+from llmos.model_integrity import ModelCheck
 from llmos.model_store import ModelStore
 from llmos.reimport import reimport_command
 from llmos.tiny_model import write_random_gguf
@@ -109,6 +110,22 @@ def test_flipped_bytes_in_the_weights_are_refused_naming_the_file_and_the_fix(
     assert fix.returncode == 0, fix.stderr
     assert fix.stdout.startswith("imported: "), fix.stdout  # not "already imported (same source file)"
     assert LLMEngine(model(store), threads=1).generate("Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_reload_reads_only_what_changed_and_a_write_with_its_mtime_put_back_is_still_caught(
+    store: Path,
+) -> None:
+    d, weights = model(store), model(store) / "model.onnx.data"
+    m = ModelManifest.read(d)
+    LLMEngine(d, threads=1, warmup=False)  # the first load in this process reads every file
+    again = ModelCheck.start(d, m)
+    again.wait()
+    assert again.hashed == [], "a reload of an unchanged model reads nothing"
+    before = weights.stat()
+    flip_bytes(weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # hide the write from mtime
+    assert weights.stat().st_mtime_ns == before.st_mtime_ns
+    assert refused(d).startswith(f"{weights} does not match its digest from import")
 
 
 def test_a_changed_tokenizer_is_refused_naming_it(store: Path) -> None:
