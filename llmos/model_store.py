@@ -176,6 +176,8 @@ class ModelStore:
             old = ModelManifest.read(target)
             if old.source_sha256 != digest or old.builder_version != BUILDER_VERSION or not old.files:
                 return False  # another source, an older graph, or imported before digests: rebuild
+            if old.custom_op_domains and not native_ops.available():
+                return False  # imported for the native op, whose library is gone: MatMulNBits now
             verify_model(target, old)  # a damaged directory is rebuilt by the same import command
         except LlmosError:
             return False

@@ -213,3 +213,15 @@ def test_model_with_the_op_refuses_to_load_without_its_library(
     message = str(e.value)
     assert native_ops.LIBRARY_NAME in message and "scripts/setup.sh" in message
     LLMEngine(imports["nbits"], threads=2)  # a MatMulNBits import loads as before
+
+
+@needs_op
+def test_reimport_without_the_library_falls_back(q4_0_file: Path, tmp_path: Path, without_op: None) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(native_ops.ENV)
+        first = store.import_gguf(q4_0_file, name="m")
+    assert ModelManifest.read(first).custom_op_domains == [native_ops.DOMAIN]
+    again = store.import_gguf(q4_0_file, name="m")  # the fix the refusal names, without the library
+    assert again == first and ModelManifest.read(again).custom_op_domains == []
+    LLMEngine(again, threads=2)
