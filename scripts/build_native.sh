@@ -51,7 +51,7 @@ if [[ ! -f $headers/onnxruntime_cxx_api.h ]]; then
   if [[ ! -f $deb ]] || ! echo "$deb_sha256  $deb" | sha256sum -c --status; then
     echo "setup: fetching onnxruntime's C API headers ($deb_name, 85 KB)" >&2
     if command -v curl >/dev/null 2>&1; then
-      curl -fsSL --retry 2 -o "$deb.part" "$deb_url" || skip "could not download $deb_url"
+      curl -fsL --retry 2 -o "$deb.part" "$deb_url" || skip "could not download $deb_url"
     else
       wget -q -O "$deb.part" "$deb_url" || skip "could not download $deb_url"
     fi
