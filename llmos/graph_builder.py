@@ -7,6 +7,8 @@ GroupQueryAttention writes the new positions in place. `logit_positions` picks w
 
 Operators are onnxruntime's CPU-fast contrib ops: MatMulNBits (int4/int8 weights carried from the GGUF,
 see quant.py), GroupQueryAttention (rotary inside), SimplifiedLayerNormalization and its Skip variant.
+With `native_ops`, Q4_0 matrices use llmos's own op instead (engine/native_ops.py), their GGUF bytes
+regrouped 16 rows at a time.
 """
 
 from __future__ import annotations
@@ -14,21 +16,26 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
 import onnx
+from gguf import GGMLQuantizationType
 from onnx import TensorProto, helper, numpy_helper
 
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import GGUFFile, LlamaHParams, TensorInfo
-from llmos.quant import PackedMatrix, dequantize, pack_matrix, source_bits
+from llmos.quant import PackedMatrix, dequantize, pack_matrix, q4_0_x16, source_bits
 
 Precision = Literal["int4", "int8", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("int4", "int8", "fp32")
 OPSET = 21
 MS = "com.microsoft"
+Q4_0 = GGMLQuantizationType.Q4_0
+GGUF_DOMAIN = "llmos.gguf"  # llmos's native op library (engine/native_ops.py, native/gguf_ops.cc)
+GGUF_Q4_0_X16 = "GgufMatMulQ4_0x16"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 BUILDER_VERSION = 7  # bump when the graph changes, so imports are redone
@@ -43,6 +50,7 @@ class BuildReport:
     precision: Precision
     exact: bool = True  # False if any weight had to be re-rounded from floats
     corrected_matrices: int = 0  # matrices that carry a block-offset correction (Q4_1, Q5_1, K-quants)
+    native_matrices: int = 0  # (fused) Q4_0 matrices on llmos's native op rather than MatMulNBits
     embedding: dict[str, dict[str, object]] = field(default_factory=dict)  # where the table's bytes are
     notes: list[str] = field(default_factory=list)
 
@@ -120,6 +128,7 @@ class LlamaGraphBuilder:
         accuracy_level: int = 4,
         progress: Callable[[int, int], None] | None = None,
         data: BinaryIO | None = None,  # the weight file initializers stream into (None: kept in memory)
+        native_ops: bool = False,  # Q4_0 matrices on llmos's native op (its library must load at run time)
     ) -> None:
         if precision not in PRECISIONS:
             raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -127,6 +136,7 @@ class LlamaGraphBuilder:
         self.hp: LlamaHParams = gguf.hparams()
         self.precision = precision
         self.accuracy_level = accuracy_level
+        self.native_ops = native_ops and precision == "int4"
         self.progress = progress or (lambda _i, _n: None)
         self.g = _Graph(data)
         self.report = BuildReport(precision=precision)
@@ -140,11 +150,42 @@ class LlamaGraphBuilder:
         4-bit types and 8 for types of 5 bits or more (Q5_x, Q6_K, Q8_0, IQ4) rather than re-rounding."""
         return 8 if self.precision == "int8" else source_bits(t)
 
-    def _packs(self, names: list[str]) -> list[PackedMatrix]:
+    def _packs(self, names: list[str]) -> list[PackedMatrix | GgufRows]:
         """One or several matrices stacked on N (fused projections share their input), fused where they
         share a form. Parts of different types (a Q4_K_M file's Q4_K q/k beside a Q6_K v) stay apart:
         a common form (8 bits, 16-weight blocks) would hold them exactly too, but read more bytes per
-        token than the sources do, and decode speed is bytes per token."""
+        token than the sources do, and decode speed is bytes per token. With native ops, runs of Q4_0
+        matrices become one `GgufRows` when their rows come in groups of 16 (fused, else one by one);
+        a matrix that does not fit goes to MatMulNBits."""
+        if not self.native_ops:
+            return list(self._packs_int(names))
+        out: list[PackedMatrix | GgufRows] = []
+        rest: list[str] = []  # for MatMulNBits, in order
+        rows = {n: self._tensor(n).shape[0] for n in names}
+        for is_q4_0, run_iter in groupby(names, key=lambda n: self._tensor(n).qtype == Q4_0):
+            run = list(run_iter)
+            if not is_q4_0:
+                rest += run
+                continue
+            for group in [run] if sum(rows[n] for n in run) % 16 == 0 else [[n] for n in run]:
+                if sum(rows[n] for n in group) % 16:
+                    rest += group
+                    continue
+                out += self._packs_int(rest)
+                rest = []
+                out.append(self._gguf_rows(group))
+        return out + self._packs_int(rest)
+
+    def _gguf_rows(self, names: list[str]) -> GgufRows:
+        ts = [self._tensor(n) for n in names]
+        rows = np.concatenate([np.asarray(t.data, dtype=np.uint8).reshape(t.shape[0], -1) for t in ts])
+        for n in names:
+            self.gguf.release(n)
+        return GgufRows(n=rows.shape[0], k=ts[0].shape[1], data=q4_0_x16(rows))
+
+    def _packs_int(self, names: list[str]) -> list[PackedMatrix]:
+        if not names:
+            return []
         parts = [pack_matrix(self._tensor(n), self._bits_for(self._tensor(n))) for n in names]
         for n in names:
             self.gguf.release(n)
@@ -177,9 +218,17 @@ class LlamaGraphBuilder:
             return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
         packs = self._packs(names)
         outs = [
-            self._matmul_nbits(x, p, tag if len(packs) == 1 else f"{tag}.{i}") for i, p in enumerate(packs)
+            self._gguf_q4_0(x, p, t) if isinstance(p, GgufRows) else self._matmul_nbits(x, p, t)
+            for i, p in enumerate(packs)
+            for t in [tag if len(packs) == 1 else f"{tag}.{i}"]
         ]
         return outs[0] if len(outs) == 1 else g.op("Concat", outs, axis=-1)[0]
+
+    def _gguf_q4_0(self, x: str, p: GgufRows, tag: str) -> str:
+        """y = x @ W^T on llmos's native op, from the GGUF's Q4_0 bytes (regrouped, not re-rounded)."""
+        self.report.native_matrices += 1
+        w = self.g.init(f"{tag}.q4_0x16", p.data)
+        return self.g.op(GGUF_Q4_0_X16, [x, w], domain=GGUF_DOMAIN, K=p.k, N=p.n)[0]
 
     def _matmul_nbits(self, x: str, p: PackedMatrix, tag: str) -> str:
         g = self.g
@@ -455,9 +504,12 @@ class LlamaGraphBuilder:
                     helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape)
                 )
         graph = helper.make_graph(self.g.nodes, "llmos_llama", inputs, outputs, self.g.inits)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+        if self.report.native_matrices:
+            opsets.append(helper.make_opsetid(GGUF_DOMAIN, 1))
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+            opset_imports=opsets,
             producer_name="llmos",
             producer_version=str(BUILDER_VERSION),
         )
@@ -480,11 +532,12 @@ def build_onnx(
     precision: Precision,
     out_dir: str | os.PathLike[str],
     progress: Callable[[int, int], None] | None = None,
+    native_ops: bool = False,
 ) -> BuildReport:
     """Build and write `model.onnx` + `model.onnx.data` into `out_dir` (which the caller makes atomic)."""
     out = Path(out_dir)
     with open(out / WEIGHTS_FILE, "wb") as data:
-        builder = LlamaGraphBuilder(gguf, precision, progress=progress, data=data)
+        builder = LlamaGraphBuilder(gguf, precision, progress=progress, data=data, native_ops=native_ops)
         model = builder.build()
     onnx.save_model(model, str(out / GRAPH_FILE))  # the graph and small constants; weights are written
     locations = builder.g.locations
@@ -492,6 +545,15 @@ def build_onnx(
         role: locations[name] for name, role in EMBEDDING_TENSORS.items() if name in locations
     }
     return builder.report
+
+
+@dataclass
+class GgufRows:
+    """Q4_0 matrices stacked on N, their GGUF bytes in the native op's x16 layout (quant.q4_0_x16)."""
+
+    n: int
+    k: int
+    data: np.ndarray  # uint8 [N, K/32*18]
 
 
 def _stack(parts: list[PackedMatrix]) -> PackedMatrix:

@@ -65,3 +65,5 @@ if [[ ",$extras," == *",bench,"* && $(uname -m) == x86_64 ]] &&
     exit 1
   fi
 fi
+# The native Q4_0 op (optional: prints one line and carries on when it cannot be built).
+scripts/build_native.sh || echo "setup: native Q4_0 op not built; llmos uses onnxruntime's MatMulNBits for Q4_0" >&2

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Build llmos's native Q4_0 op (llmos/native/gguf_ops.cc) for this CPU, into llmos/native/build/.
+# Optional: when it cannot be built (no x86-64 AVX2, no compiler, no headers), it prints one line and
+# exits 0, and llmos imports Q4_0 weights for onnxruntime's MatMulNBits instead. Idempotent: skips when
+# the library was built from the same source, headers and flags. Called by scripts/setup.sh.
+#
+# Headers: Debian trixie's libonnxruntime-dev (onnxruntime 1.21 C/C++ API headers, ORT_API_VERSION 21),
+# downloaded from the Debian archive and checked against the sha256 pinned here, unpacked with dpkg-deb
+# into the build directory; the system's apt configuration is neither used nor changed. The library is
+# compiled header-only (ORT_API_MANUAL_INIT, no link to libonnxruntime); newer onnxruntime releases
+# (the .venv has 1.32) load it through their stable C API.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+src=llmos/native/gguf_ops.cc
+out=llmos/native/build
+lib=$out/libllmos_gguf_ops.so
+deb_name=libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
+deb_sha256=14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08
+deb_url="${LLMOS_ORT_DEV_URL:-http://deb.debian.org/debian/pool/main/o/onnxruntime/${deb_name//+/%2B}}"
+
+skip() {
+  echo "setup: native Q4_0 op not built ($1); llmos uses onnxruntime's MatMulNBits for Q4_0" >&2
+  exit 0
+}
+
+[[ $(uname -m) == x86_64 ]] || skip "not an x86-64 machine"
+flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+has() { [[ " $flags " == *" $1 "* ]]; }
+if has avx512f && has avx512bw && has avx512vl && has avx512_vnni; then
+  isa="-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512vnni"
+elif has avx2 && has fma && has f16c; then
+  isa="-mavx2 -mfma -mf16c"
+  has avx_vnni && isa="$isa -mavxvnni"
+else
+  skip "this CPU has no AVX2"
+fi
+cxx=$(command -v g++ || command -v c++ || true)
+[[ -n "$cxx" ]] || skip "no C++ compiler (apt-get install g++)"
+cxxflags="-std=c++17 -O3 -fPIC -shared -fvisibility=hidden $isa"
+
+stamp=$( { sha256sum "$src" | cut -d' ' -f1; echo "$deb_sha256 $cxx $cxxflags"; } | sha256sum | cut -d' ' -f1)
+if [[ -f $lib && "$(cat "$lib.stamp" 2>/dev/null)" == "$stamp" ]]; then
+  exit 0  # built from this source with these flags already
+fi
+
+mkdir -p "$out"
+headers=$out/onnxruntime-dev/usr/include/onnxruntime
+if [[ ! -f $headers/onnxruntime_cxx_api.h ]]; then
+  command -v dpkg-deb >/dev/null 2>&1 || skip "no dpkg-deb to unpack the headers"
+  deb=$out/$deb_name
+  if [[ ! -f $deb ]] || ! echo "$deb_sha256  $deb" | sha256sum -c --status; then
+    echo "setup: fetching onnxruntime's C API headers ($deb_name, 85 KB)" >&2
+    if command -v curl >/dev/null 2>&1; then
+      curl -fsL --retry 2 -o "$deb.part" "$deb_url" || skip "could not download $deb_url"
+    else
+      wget -q -O "$deb.part" "$deb_url" || skip "could not download $deb_url"
+    fi
+    echo "$deb_sha256  $deb.part" | sha256sum -c --status || { rm -f "$deb.part"; skip "$deb_name failed its sha256 check"; }
+    mv "$deb.part" "$deb"
+  fi
+  rm -rf "$out/onnxruntime-dev"
+  dpkg-deb -x "$deb" "$out/onnxruntime-dev" || skip "could not unpack $deb_name"
+fi
+
+echo "setup: building the native Q4_0 op ($isa)" >&2
+# shellcheck disable=SC2086
+if ! "$cxx" $cxxflags -I"$headers" "$src" -o "$lib.tmp" 2>"$out/build.log"; then
+  rm -f "$lib.tmp"
+  skip "compiling failed, see $out/build.log"
+fi
+# the check that matters: onnxruntime accepts it
+if [[ -x .venv/bin/python ]] && ! .venv/bin/python -c 'import sys, onnxruntime as o; o.SessionOptions().register_custom_ops_library(sys.argv[1])' "$lib.tmp" 2>>"$out/build.log"; then
+  rm -f "$lib.tmp"
+  skip "onnxruntime refused the library, see $out/build.log"
+fi
+mv "$lib.tmp" "$lib"
+echo "$stamp" >"$lib.stamp"
