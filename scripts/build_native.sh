@@ -5,8 +5,10 @@
 # the library was built from the same source, headers and flags. Called by scripts/setup.sh.
 #
 # Headers: Debian trixie's libonnxruntime-dev (onnxruntime 1.21 C/C++ API headers, ORT_API_VERSION 21),
-# downloaded from the Debian archive and checked against the sha256 pinned here, unpacked with dpkg-deb
-# into the build directory; the system's apt configuration is neither used nor changed. The library is
+# fetched with `apt-get download` from the Debian mirror this machine's apt already uses, through a
+# private apt state (its own sources list naming trixie, lists and cache under the build directory: the
+# system's apt configuration is only read, never changed), checked against the sha256 pinned here and
+# unpacked with dpkg-deb into the build directory. The library is
 # compiled header-only (ORT_API_MANUAL_INIT, no link to libonnxruntime); newer onnxruntime releases
 # (the .venv has 1.32) load it through their stable C API.
 set -uo pipefail
@@ -16,11 +18,32 @@ out=llmos/native/build
 lib=$out/libllmos_gguf_ops.so
 deb_name=libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
 deb_sha256=14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08
-deb_url="${LLMOS_ORT_DEV_URL:-http://deb.debian.org/debian/pool/main/o/onnxruntime/${deb_name//+/%2B}}"
+deb_version=1.21.0+dfsg-1
 
 skip() {
   echo "setup: native Q4_0 op not built ($1); llmos uses onnxruntime's MatMulNBits for Q4_0" >&2
   exit 0
+}
+
+# The package from trixie, by name and version, with apt's own client: a private sources list gets the
+# URI of the Debian archive the system's apt sources name (deb822 or one-line form), suite trixie.
+fetch_deb() {
+  local dest=$1 apt=$out/apt uri
+  command -v apt-get >/dev/null 2>&1 || return 1
+  uri=$(grep -hs -m1 -E '^URIs:.*debian/?$' /etc/apt/sources.list.d/*.sources | awk '{print $2}')
+  [[ -n "$uri" ]] || uri=$(grep -hs -m1 -E '^deb .*debian/? ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}')
+  [[ -n "$uri" ]] || return 1
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+  printf 'Types: deb\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    "$uri" >"$apt/trixie.sources"
+  local opts=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$(realpath "$apt")"
+    -o "Dir::State::Lists=$(realpath "$apt/lists")" -o "Dir::Cache=$(realpath "$apt/cache")"
+    -o "Acquire::Languages=none" -q=2)
+  local log
+  log=$(realpath "$out")/apt.log
+  apt-get "${opts[@]}" update >"$log" 2>&1 || return 1
+  (cd "$out" && apt-get "${opts[@]}" download "libonnxruntime-dev=$deb_version" >>"$log" 2>&1) || return 1
+  [[ -f "$dest" ]]
 }
 
 [[ $(uname -m) == x86_64 ]] || skip "not an x86-64 machine"
@@ -50,13 +73,8 @@ if [[ ! -f $headers/onnxruntime_cxx_api.h ]]; then
   deb=$out/$deb_name
   if [[ ! -f $deb ]] || ! echo "$deb_sha256  $deb" | sha256sum -c --status; then
     echo "setup: fetching onnxruntime's C API headers ($deb_name, 85 KB)" >&2
-    if command -v curl >/dev/null 2>&1; then
-      curl -fsL --retry 2 -o "$deb.part" "$deb_url" || skip "could not download $deb_url"
-    else
-      wget -q -O "$deb.part" "$deb_url" || skip "could not download $deb_url"
-    fi
-    echo "$deb_sha256  $deb.part" | sha256sum -c --status || { rm -f "$deb.part"; skip "$deb_name failed its sha256 check"; }
-    mv "$deb.part" "$deb"
+    fetch_deb "$deb" || skip "could not download $deb_name with apt-get"
+    echo "$deb_sha256  $deb" | sha256sum -c --status || { rm -f "$deb"; skip "$deb_name failed its sha256 check"; }
   fi
   rm -rf "$out/onnxruntime-dev"
   dpkg-deb -x "$deb" "$out/onnxruntime-dev" || skip "could not unpack $deb_name"
