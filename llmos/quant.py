@@ -47,6 +47,9 @@ from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import TensorInfo
 
 QK_K = 256
+# Weights decoded at a time: decoding holds a few int16/uint8 copies of what it decodes, so a 100M-weight
+# embedding table is done in slices instead of needing ~1 GB of scratch at once.
+CHUNK_WEIGHTS = 8 << 20
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 
@@ -237,6 +240,11 @@ def pack_matrix(t: TensorInfo, bits: int, block: int | None = None) -> PackedMat
     source is integer. `block` (16) splits 32-weight blocks so matrices of two types can share a form."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
+    rows = max(1, CHUNK_WEIGHTS // max(1, t.shape[1]))
+    if t.shape[0] > rows:  # a big matrix (the embedding table) in slices of rows: bounded scratch memory
+        return _stack_rows(
+            [pack_matrix(_row_slice(t, i, i + rows), bits, block) for i in range(0, t.shape[0], rows)]
+        )
     if t.qtype in FLOAT_TYPES:
         if t.shape[1] % 32:
             raise UnsupportedModelError(
@@ -247,6 +255,26 @@ def pack_matrix(t: TensorInfo, bits: int, block: int | None = None) -> PackedMat
     if block is not None and block < b.block:
         b = _split(b, block)
     return _pack_int(b, t.shape[0], t.shape[1], max(bits, b.bits))
+
+
+def _row_slice(t: TensorInfo, start: int, stop: int) -> TensorInfo:
+    data = np.asarray(t.data)
+    stop = min(stop, t.shape[0])
+    return TensorInfo(t.name, t.qtype, (stop - start, t.shape[1]), data.reshape(t.shape[0], -1)[start:stop])
+
+
+def _stack_rows(parts: list[PackedMatrix]) -> PackedMatrix:
+    first = parts[0]
+    return PackedMatrix(
+        n=sum(p.n for p in parts),
+        k=first.k,
+        bits=first.bits,
+        block=first.block,
+        packed=np.concatenate([p.packed for p in parts]),
+        scales=np.concatenate([p.scales for p in parts]),
+        correction=None if first.correction is None else np.concatenate([p.correction for p in parts]),  # type: ignore[misc]
+        exact=all(p.exact for p in parts),
+    )
 
 
 def _split(b: IntBlocks, block: int) -> IntBlocks:

@@ -85,3 +85,16 @@ def test_float_sources_are_re_rounded_and_say_so() -> None:
     p = pack_matrix(TensorInfo("w", Q.F32, (4, 64), w), 4)
     assert not p.exact
     assert np.abs(unpack(p) - w).max() < 0.2 * np.abs(w).max()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
+def test_a_big_matrix_packed_in_slices_of_rows_is_the_same(qtype: Q, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding table is packed a few rows at a time to bound scratch memory: same result."""
+    t = random_tensor(qtype, n=40, seed=3)
+    whole = pack_matrix(t, 8)
+    monkeypatch.setattr("llmos.quant.CHUNK_WEIGHTS", 512 * 7)  # 7 rows a slice: uneven last slice
+    sliced = pack_matrix(t, 8)
+    assert np.array_equal(sliced.packed, whole.packed) and np.array_equal(sliced.scales, whole.scales)
+    assert (sliced.correction is None) == (whole.correction is None)
+    if whole.correction is not None:
+        assert np.array_equal(sliced.correction, whole.correction)
