@@ -437,7 +437,7 @@ async def list_tools(bus: MessageBus) -> None:
     say({"tools": json.loads(listed)})
 
 
-async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None:
+async def agent_eval(bus: MessageBus, cases_file: str, constrained: str, max_tokens: str = "400") -> None:
     """For each case {"tools": [...], "request": ...}: register exactly its tools, Run with the first step
     a required tool call, and record that step, the result and per-step wall times."""
     with open(cases_file, encoding="utf-8") as f:
@@ -461,7 +461,9 @@ async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None
         )
         token = f"e{i}"
         events[prefix + token] = []
-        opts = variants({"handle_token": token, "max_steps": 2, "tool_choice": "required", "max_tokens": 400})
+        opts = variants(
+            {"handle_token": token, "max_steps": 2, "tool_choice": "required", "max_tokens": int(max_tokens)}
+        )
         opts["constrained"] = Variant("b", constrained == "1")
         t0 = time.monotonic()
         await call(bus, *agent, "Run", "sa{sv}", [case["request"], opts])
