@@ -97,11 +97,11 @@ async def run_agent(
         )
     grammar_tokens = max(max_step_tokens, budget.tokens)
     messages = [
-        {"role": "system", "content": fmt.system_prompt(tools, instructions)},
+        {"role": "system", "content": fmt.system_prompt(offered, instructions)},  # only what it can call
         {"role": "user", "content": goal},
     ]
     answer_chars = max(8, min(ANSWER_CHARS, (max_step_tokens - 16) * 3))
-    template_tools = fmt.template_tools(tools)  # the same every step
+    template_tools = fmt.template_tools(offered)  # the same every step
     made: set[str] = set()  # each call made: tool and arguments, as JSON
     must_answer = False
     number = 0  # steps shown; a repeated call is not one

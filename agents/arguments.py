@@ -20,7 +20,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-MAX_DEPTH = 256  # schemas nest at most 64 levels; $refs followed at most this deep in all
+MAX_DEPTH = 128  # schema levels followed, $refs included (arguments nest at most 64 levels)
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "integer": (int,),

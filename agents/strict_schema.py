@@ -53,6 +53,10 @@ NUMBER_STEP = 1e-6  # decimal places of a number whose author gave no multipleOf
 REF_DEPTH = 3  # how often one $ref may recur inside itself
 ANY_DEPTH = 1  # an open value: a scalar, or an array or map of scalars
 MAX_STRICT_CHARS = 256 * 1024  # the strict form, $refs expanded; past that the manifest is refused
+# Schemas made while expanding: $refs that each refer to another twice would otherwise grow the strict form
+# exponentially (a manifest of a few lines that takes the daemon's memory) before its size is known
+MAX_STRICT_NODES = 20_000
+MAX_SCHEMA_LEVELS = 100  # schemas inside schemas, $refs expanded (the manifest nests at most 64 levels)
 # Escapes a step's strings may use: no \uXXXX, so a character is at most 4 bytes of the call (its UTF-8)
 # and a string's bytes are bounded by its length. (The only characters lost are control characters other
 # than \b \f \n \r \t.)
@@ -140,6 +144,7 @@ class _Strict:
     def __init__(self, root: dict[str, Any], limits: StrictLimits, scale: float, probe: bool) -> None:
         self.root, self.limits, self.scale, self.probe = root, limits, scale, probe
         self.refs: list[str] = []  # the $refs being expanded, outermost first
+        self.made = 0  # schemas made so far
 
     # -- caps ----------------------------------------------------------------------------------------
     def cap(self, author: int | None, default: int, floor: int) -> int:
@@ -157,7 +162,12 @@ class _Strict:
         """The strict form of one schema. `closing`: a whole schema, whose objects are closed here; a
         branch of anyOf/allOf beside object keywords is a fragment: its names are declared (and closed)
         at the object that holds it."""
-        if depth > 200:  # the manifest nests at most 64 levels; expanded $refs are bounded by REF_DEPTH
+        self.made += 1
+        if self.made > MAX_STRICT_NODES:
+            raise StrictSchemaError(
+                f"parameters are over {MAX_STRICT_NODES} schemas once their $refs are expanded"
+            )
+        if depth > MAX_SCHEMA_LEVELS:  # deeper is not offered (expanded $refs nest deepest)
             return False
         if s is True or (isinstance(s, dict) and closing and set(s) <= _ANNOTATIONS):
             return self.any_value(ANY_DEPTH, {k: v for k, v in s.items()} if isinstance(s, dict) else {})

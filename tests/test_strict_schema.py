@@ -587,3 +587,15 @@ def test_a_call_cut_short_is_a_named_step_and_never_made() -> None:
         "partial": '{"tool": "send", "arguments": {"to": "Bob", "text": "I am la',
         "cut": True,
     }
+
+
+def test_refs_that_would_expand_without_end_are_a_named_manifest_error() -> None:
+    """Each definition refers to the one before twice: 40 lines that would expand to 2^40 schemas. The
+    expansion stops at a bound and the manifest is refused by name, at once, not after the memory is gone."""
+    defs: dict[str, Any] = {"a0": {"type": "string"}}
+    for i in range(1, 40):
+        ref = {"$ref": f"#/$defs/a{i - 1}"}
+        defs[f"a{i}"] = {"type": "object", "properties": {"x": ref, "y": ref}}
+    bomb = {"type": "object", "properties": {"v": {"$ref": "#/$defs/a39"}}, "$defs": defs}
+    with pytest.raises(ToolManifestError, match="once their \\$refs are expanded"):
+        spec(bomb)
