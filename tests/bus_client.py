@@ -422,6 +422,37 @@ async def agent_run(bus: MessageBus, setup_file: str) -> None:
     )
 
 
+async def agent_runs(bus: MessageBus, setup_file: str) -> None:
+    """Register a provider once, then run each {"goal", "options"} of setup["runs"] in turn; report each
+    run's Steps and Result, and every call the provider received. setup: {"manifest", "results", "runs"}"""
+    with open(setup_file, encoding="utf-8") as f:
+        setup = json.load(f)
+    calls: list[dict[str, Any]] = []
+    await register_provider(bus, setup, calls)
+    prefix = f"/org/llmos/Agent1/task/{bus.unique_name.lstrip(':').replace('.', '_')}/"
+    events: dict[str, list[Any]] = {}
+    done: dict[str, asyncio.Future[Any]] = {}
+
+    def on_signal(m: Message) -> None:
+        if m.message_type == MessageType.SIGNAL and m.path in events:
+            if m.member == "Step":
+                events[m.path].append(json.loads(m.body[0]))
+            elif m.member == "Result" and not done[m.path].done():
+                done[m.path].set_result([m.body[0], plain(m.body[1])])
+
+    bus.add_message_handler(on_signal)
+    runs = []
+    for i, run in enumerate(setup["runs"]):
+        token = f"r{i}"
+        events[prefix + token] = []
+        done[prefix + token] = asyncio.get_running_loop().create_future()
+        opts = variants({**run.get("options", {}), "handle_token": token})
+        await call(bus, *AGENT, "Run", "sa{sv}", [run["goal"], opts])
+        code, result = await asyncio.wait_for(done[prefix + token], 300)
+        runs.append({"steps": events.pop(prefix + token), "code": code, "result": result})
+    say({"runs": runs, "calls": calls})
+
+
 async def provide(bus: MessageBus, setup_file: str) -> None:
     """Register a tool provider, say ready, serve calls until stdin closes, then report the calls."""
     with open(setup_file, encoding="utf-8") as f:
@@ -538,6 +569,7 @@ COMMANDS = {
     "provide": provide,
     "list-tools": list_tools,
     "agent-run": agent_run,
+    "agent-runs": agent_runs,
     "structured": structured,
     "on-go": on_go,
     "latencies": latencies,
