@@ -117,7 +117,8 @@ async def run_agent(
             answer_chars=answer_chars,
             parameters=budget.parameters(),
         )
-        tokens = grammar_tokens if may_call else max_step_tokens
+        # the grammar bounds a call: without it (a measurement) nothing does, and the caller's limit holds
+        tokens = grammar_tokens if may_call and constrained else max_step_tokens
         text = await generate(
             messages,
             spec.json_schema if constrained else None,
