@@ -7,8 +7,9 @@ decoding, in one run.
 
 Modes: `constrained` offers the tools as written here (closed objects, bounded strings and numbers);
 `open` offers the same tools written the way typical authors write them (no `additionalProperties`,
-no `maxLength`, no numeric bounds), constrained; `unconstrained` is the first with constrained
-decoding switched off. Per mode: valid-call rate (the first step is a call of an offered tool with
+no `maxLength`, no numeric bounds), constrained; `open-sampled` is `open` at temperature 0.9 (case i
+with seed i); `unconstrained` is the first with constrained decoding switched off. All greedy but
+`open-sampled`. Per mode: valid-call rate (the first step is a call of an offered tool with
 arguments valid against its schema as written), exact tool choice rate, argument accuracy (every
 expected argument present with the expected value; strings compared case-insensitively, trimmed),
 calls with invented keys (any step's call whose arguments hold a key its tool does not declare), failed
@@ -121,7 +122,13 @@ for k, (req, t, args) in enumerate(CASES):
     offered.insert(k % 4, t)
     MULTIPLE.append((req, offered, t, args))
 EVAL = SIMPLE + MULTIPLE  # 17 + 33 = 50
-MODES = {"constrained": (False, "1"), "open": (True, "1"), "unconstrained": (False, "0")}
+# mode: (open schemas, constrained, Run options besides the bench's own)
+MODES: dict[str, tuple[bool, str, dict[str, Any]]] = {
+    "constrained": (False, "1", {}),
+    "open": (True, "1", {}),
+    "open-sampled": (True, "1", {"temperature": 0.9}),
+    "unconstrained": (False, "0", {}),
+}
 
 
 def same(got: Any, want: Any) -> bool:
@@ -200,7 +207,7 @@ def main() -> int:
     res: dict[str, Any] = {}
     try:
         for mode in modes:
-            open_schemas, flag = MODES[mode]
+            open_schemas, flag, options = MODES[mode]
             cases = [
                 {"request": req, "tools": [opened(t) for t in offered] if open_schemas else offered}
                 for req, offered, _t, _a in EVAL
@@ -212,6 +219,7 @@ def main() -> int:
                 str(tmp / "cases.json"),
                 flag,
                 str(args.max_tokens),
+                json.dumps(options),
                 timeout=3600,
             )["runs"]
             res[mode] = score(runs, open_schemas)

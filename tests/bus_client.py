@@ -468,9 +468,13 @@ async def list_tools(bus: MessageBus) -> None:
     say({"tools": json.loads(listed)})
 
 
-async def agent_eval(bus: MessageBus, cases_file: str, constrained: str, max_tokens: str = "400") -> None:
+async def agent_eval(
+    bus: MessageBus, cases_file: str, constrained: str, max_tokens: str = "400", options: str = "{}"
+) -> None:
     """For each case {"tools": [...], "request": ...}: register exactly its tools, Run with the first step
-    a required tool call, and record that step, the result and per-step wall times."""
+    a required tool call, and record that step, the result and per-step wall times. `options` (JSON) go
+    into every Run; with a temperature, case i is sampled with seed i."""
+    extra = json.loads(options)
     with open(cases_file, encoding="utf-8") as f:
         cases = json.load(f)
     calls: list[dict[str, Any]] = []
@@ -493,7 +497,14 @@ async def agent_eval(bus: MessageBus, cases_file: str, constrained: str, max_tok
         token = f"e{i}"
         events[prefix + token] = []
         opts = variants(
-            {"handle_token": token, "max_steps": 2, "tool_choice": "required", "max_tokens": int(max_tokens)}
+            {
+                "handle_token": token,
+                "max_steps": 2,
+                "tool_choice": "required",
+                "max_tokens": int(max_tokens),
+                **extra,
+                **({"seed": i} if "temperature" in extra else {}),
+            }
         )
         opts["constrained"] = Variant("b", constrained == "1")
         t0 = time.monotonic()
