@@ -49,6 +49,9 @@ class AgentContext:
     max_steps: int
     max_step_tokens: int  # output tokens one generation may take
     tool_choice: str = "auto"
+    # the most tokens a step whose grammar bounds it may take (the largest call of a tool: see
+    # agents/call_budget.py), past max_step_tokens; 0: max_step_tokens
+    max_call_tokens: int = 0
     constrained: bool = True
     tool_format: ToolCallFormat = JSON_STEPS  # how tool calls look for the served model
 
@@ -115,6 +118,7 @@ class AgentPlugin:
             constrained=ctx.constrained,
             max_step_tokens=ctx.max_step_tokens,
             fmt=ctx.tool_format,
+            max_call_tokens=ctx.max_call_tokens or None,
         )
 
     def describe(self) -> dict[str, Any]:

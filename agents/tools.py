@@ -30,8 +30,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import llguidance as llg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from agents.arguments import argument_problems
+from agents.strict_schema import JSON_ESCAPES, StrictLimits, StrictSchemaError, strict_schema
 from llmos import bounded_json
 from llmos.errors import LlmosError, validation_problems
 
@@ -62,6 +72,11 @@ class ToolSpec(BaseModel):
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
     confirm: bool = False  # the run's owner approves each call first
     shared: bool = False  # usable in runs other apps start
+    limits: StrictLimits = Field(default_factory=StrictLimits)  # caps of its strict form
+    # the strict form of `parameters` (agents/strict_schema.py), derived once: what step grammars and
+    # argument checks use; `parameters` stays as the author wrote it, for the model to read
+    _strict: dict = PrivateAttr(default_factory=dict)
+    _scaled: dict = PrivateAttr(default_factory=dict)  # (scale, probe) -> the strict form, caps lowered
 
     @field_validator("name")
     @classmethod
@@ -90,52 +105,43 @@ class ToolSpec(BaseModel):
             raise ValueError(f"parameters cannot be used: {messages[0] if messages else 'invalid'}")
         return v
 
+    @model_validator(mode="after")
+    def _strict_form(self) -> ToolSpec:
+        try:
+            strict = strict_schema(self.parameters, self.limits)
+        except StrictSchemaError as e:
+            raise ValueError(f"parameters: {e}") from None
+        _check_compiles(strict, "the strict form of the parameters")  # as every step grammar will
+        self._strict = strict
+        return self
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "array": (list,),
-    "object": (dict,),
-    "null": (type(None),),
-}
+    @property
+    def strict_parameters(self) -> dict[str, Any]:
+        """The strict form of `parameters`: closed objects, bounded strings, arrays and numbers."""
+        return self._strict
+
+    def scaled_parameters(self, scale: float, *, probe: bool = False) -> dict[str, Any]:
+        """The strict form with every string and array cap lowered to `scale` of itself, for a step that
+        cannot hold the largest call (agents/call_budget.py); `probe`: each lowered cap one less."""
+        key = (scale, probe)
+        if key not in self._scaled:
+            if len(self._scaled) > 64:
+                self._scaled.clear()
+            self._scaled[key] = strict_schema(self.parameters, self.limits, scale=scale, probe=probe)
+        return self._scaled[key]
 
 
-def argument_problems(schema: dict, arguments: Any) -> list[str]:
-    """What is wrong with `arguments` for a tool's parameters schema, checked at the top level: an
-    object, required names present, no names the schema closes out, each value's type, enum/const and
-    string length. Steps of the planner are constrained by the whole schema already; this guards calls
-    made by an agent's own step logic, before they reach the app."""
-    if not isinstance(arguments, dict):
-        return ["the arguments are not a JSON object"]
-    props: dict = schema.get("properties", {})
-    problems = [f"{name!r} is missing" for name in schema.get("required", []) if name not in arguments]
-    if schema.get("additionalProperties") is False:
-        problems += [f"{name!r} is not a parameter" for name in arguments if name not in props]
-    for name, value in arguments.items():
-        rule = props.get(name)
-        if not isinstance(rule, dict):
-            continue
-        types = rule.get("type")
-        types = [types] if isinstance(types, str) else types or []
-        known = [t for t in types if t in _JSON_TYPES]
-        # bool is an int in Python, not in JSON
-        if known and not any(
-            isinstance(value, _JSON_TYPES[t]) and not (isinstance(value, bool) and t in ("integer", "number"))
-            for t in known
-        ):
-            problems.append(f"{name!r} must be {' or '.join(known)}")
-        if "enum" in rule and value not in rule["enum"]:
-            problems.append(f"{name!r} must be one of {rule['enum']}")
-        if "const" in rule and value != rule["const"]:
-            problems.append(f"{name!r} must be {rule['const']!r}")
-        if isinstance(value, str):
-            if len(value) > rule.get("maxLength", len(value)):
-                problems.append(f"{name!r} is over {rule['maxLength']} characters")
-            if len(value) < rule.get("minLength", 0):
-                problems.append(f"{name!r} is under {rule['minLength']} characters")
-    return problems
+def _check_compiles(schema: dict[str, Any], what: str) -> None:
+    """A schema llguidance compiles as step grammars do (their escapes); ValueError naming it if not."""
+    try:
+        grammar = llg.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"json_allowed_escapes": JSON_ESCAPES}
+        )
+    except ValueError as e:
+        raise ValueError(f"{what} cannot be used: {e}") from None
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ValueError(f"{what} cannot be used: {messages[0] if messages else 'invalid'}")
 
 
 class ToolManifest(BaseModel):
@@ -235,3 +241,14 @@ class ToolRegistry:
                     seen = replace(tool, qualified=True)
                     usable.setdefault(seen.name, seen)
         return list(usable.values())
+
+
+__all__ = [
+    "MAX_TOOLS",
+    "Tool",
+    "ToolManifest",
+    "ToolManifestError",
+    "ToolRegistry",
+    "ToolSpec",
+    "argument_problems",
+]

@@ -16,8 +16,7 @@ from dbus_fast import Message, MessageType, Variant
 
 from agents.agent_loop import Step
 from agents.plugin import AgentContext, AgentPlugin, AgentPluginError
-from agents.structured_output import JSON_STYLE
-from agents.tool_format import InvalidStepError
+from agents.tool_format import STEP_JSON_STYLE, InvalidStepError, StepCutError
 from agents.tools import Tool, argument_problems
 from llmos import bounded_json
 from llmos.engine.sampling import SamplingParams
@@ -49,7 +48,7 @@ class RunOutcome:
     code: int
     steps: int = 0
     answer: str | None = None
-    cut: bool | None = None  # the answer ran out of tokens: it ends with " …"
+    cut: bool | None = None  # the answer ran out of tokens (it ends with " …"), or a call did (failed)
     error_name: str | None = None
     error_message: str | None = None
 
@@ -134,10 +133,11 @@ def tool_result(answer: Any) -> Any:
 
 
 def schema_grammar(schema: str) -> str:
-    """A JSON Schema as an llguidance grammar, in the compact JSON style of structured output."""
+    """A JSON Schema as an llguidance grammar, in the compact JSON style of every step (structured
+    output's, with the escapes a call's length bound counts on)."""
     parsed = json.loads(schema)
     if isinstance(parsed, dict):
-        parsed = {**parsed, "x-guidance": JSON_STYLE}
+        parsed = {**parsed, "x-guidance": STEP_JSON_STYLE}
     return f"start: %json {json.dumps(parsed)}"
 
 
@@ -221,6 +221,8 @@ class AgentRun:
             ),
             max_steps=s.max_steps,
             max_step_tokens=s.request.params.max_tokens,
+            # a step that may call a tool gets what its largest call needs, up to what any request may ask
+            max_call_tokens=self.daemon.config.limits.max_tokens,
             tool_choice=s.tool_choice,
             constrained=s.constrained,
             tool_format=self.daemon.tool_format,
@@ -239,7 +241,11 @@ class AgentRun:
                 if step.answer is not None:
                     return RunOutcome(RESULT_OK, steps, answer=step.answer, cut=step.cut or None)
             return RunOutcome.failed(steps, "org.llmos.Error.Failed", "the run ended without an answer")
-        except InvalidStepError as e:  # unconstrained (a measurement), or a call cut by max_tokens
+        except StepCutError as e:  # a call cut short: its step (named, never made) went out just before
+            return RunOutcome(
+                RESULT_FAILED, steps, cut=True, error_name="org.llmos.Error.Failed", error_message=str(e)
+            )
+        except InvalidStepError as e:  # unconstrained (a measurement), or no call fits
             return RunOutcome.failed(steps, "org.llmos.Error.Failed", str(e))
         except (asyncio.CancelledError, CancelledByDaemon) as e:
             why = str(e) or "cancelled"
@@ -260,10 +266,14 @@ class AgentRun:
         *,
         grammar: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        grammar_tokens: int | None = None,
         **sampling: Any,
     ) -> str:
         """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
-        tokens than the caller gave each step. With `tools`, the model's chat template renders them."""
+        tokens than the caller gave each step, except `grammar_tokens`: the most a bounded constraint
+        admits (a step that may call a tool: its largest call), up to what any request may ask for
+        ([limits] max_tokens), so the call always ends. With `tools`, the model's chat template renders
+        them."""
         d = self.daemon
         prompt: Any
         prompt, tools = plain_prompt(messages, tools, self._specials)
@@ -276,9 +286,12 @@ class AgentRun:
             # held to the size limit of callers' schemas: it goes in as a grammar of that schema
             grammar, schema = schema_grammar(schema), None
         request = replace(self.settings.request, grammar=grammar)
-        if sampling:
+        if sampling or grammar_tokens:
             merged = {**request.params.model_dump(), **sampling}
             merged["max_tokens"] = min(merged["max_tokens"], request.params.max_tokens)
+            if grammar_tokens:
+                most = min(grammar_tokens, d.config.limits.max_tokens)
+                merged["max_tokens"] = max(merged["max_tokens"], most)
             request = replace(request, params=SamplingParams.of(**merged))
         job = d.job(prompt, replace(request, json_schema=schema), (self.app_id, self.uid))
         self._job = job
@@ -294,7 +307,8 @@ class AgentRun:
     async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,
         never the end of the run."""
-        if problems := argument_problems(tool.spec.parameters, arguments):  # never sent to the app
+        # against the strict form (closed, bounded), at every level: never sent to the app if invalid
+        if problems := argument_problems(tool.spec.strict_parameters, arguments):
             return {"error": f"invalid arguments for {tool.name}: {'; '.join(problems)}"}
         if tool.spec.confirm and not await self._approved(tool, arguments):
             return {"error": "the user did not approve this call"}

@@ -231,6 +231,10 @@ def cmd_tools(args: argparse.Namespace) -> int:
 def describe_step(step: dict[str, Any]) -> str:
     """A step as one readable line, e.g. `step 1: calls get_weather {"city": "Oslo"} → {"temp": 21}`."""
     n = step.get("step", "?")
+    if "partial" in step:  # a call cut short: never made
+        return f"step {n}: call of {step.get('tool') or 'a tool'} cut short, not made: " + one_line(
+            str(step["partial"]), STEP_CHARS
+        )
     if "tool" in step:
         args = one_line(_compact(step.get("arguments", {})), STEP_CHARS)
         seen = one_line(_compact(step.get("observation")), STEP_CHARS)

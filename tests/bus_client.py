@@ -422,6 +422,37 @@ async def agent_run(bus: MessageBus, setup_file: str) -> None:
     )
 
 
+async def agent_runs(bus: MessageBus, setup_file: str) -> None:
+    """Register a provider once, then run each {"goal", "options"} of setup["runs"] in turn; report each
+    run's Steps and Result, and every call the provider received. setup: {"manifest", "results", "runs"}"""
+    with open(setup_file, encoding="utf-8") as f:
+        setup = json.load(f)
+    calls: list[dict[str, Any]] = []
+    await register_provider(bus, setup, calls)
+    prefix = f"/org/llmos/Agent1/task/{bus.unique_name.lstrip(':').replace('.', '_')}/"
+    events: dict[str, list[Any]] = {}
+    done: dict[str, asyncio.Future[Any]] = {}
+
+    def on_signal(m: Message) -> None:
+        if m.message_type == MessageType.SIGNAL and m.path in events:
+            if m.member == "Step":
+                events[m.path].append(json.loads(m.body[0]))
+            elif m.member == "Result" and not done[m.path].done():
+                done[m.path].set_result([m.body[0], plain(m.body[1])])
+
+    bus.add_message_handler(on_signal)
+    runs = []
+    for i, run in enumerate(setup["runs"]):
+        token = f"r{i}"
+        events[prefix + token] = []
+        done[prefix + token] = asyncio.get_running_loop().create_future()
+        opts = variants({**run.get("options", {}), "handle_token": token})
+        await call(bus, *AGENT, "Run", "sa{sv}", [run["goal"], opts])
+        code, result = await asyncio.wait_for(done[prefix + token], 300)
+        runs.append({"steps": events.pop(prefix + token), "code": code, "result": result})
+    say({"runs": runs, "calls": calls})
+
+
 async def provide(bus: MessageBus, setup_file: str) -> None:
     """Register a tool provider, say ready, serve calls until stdin closes, then report the calls."""
     with open(setup_file, encoding="utf-8") as f:
@@ -437,9 +468,13 @@ async def list_tools(bus: MessageBus) -> None:
     say({"tools": json.loads(listed)})
 
 
-async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None:
+async def agent_eval(
+    bus: MessageBus, cases_file: str, constrained: str, max_tokens: str = "400", options: str = "{}"
+) -> None:
     """For each case {"tools": [...], "request": ...}: register exactly its tools, Run with the first step
-    a required tool call, and record that step, the result and per-step wall times."""
+    a required tool call, and record that step, the result and per-step wall times. `options` (JSON) go
+    into every Run; with a temperature, case i is sampled with seed i."""
+    extra = json.loads(options)
     with open(cases_file, encoding="utf-8") as f:
         cases = json.load(f)
     calls: list[dict[str, Any]] = []
@@ -461,7 +496,16 @@ async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None
         )
         token = f"e{i}"
         events[prefix + token] = []
-        opts = variants({"handle_token": token, "max_steps": 2, "tool_choice": "required", "max_tokens": 400})
+        opts = variants(
+            {
+                "handle_token": token,
+                "max_steps": 2,
+                "tool_choice": "required",
+                "max_tokens": int(max_tokens),
+                **extra,
+                **({"seed": i} if "temperature" in extra else {}),
+            }
+        )
         opts["constrained"] = Variant("b", constrained == "1")
         t0 = time.monotonic()
         await call(bus, *agent, "Run", "sa{sv}", [case["request"], opts])
@@ -536,6 +580,7 @@ COMMANDS = {
     "provide": provide,
     "list-tools": list_tools,
     "agent-run": agent_run,
+    "agent-runs": agent_runs,
     "structured": structured,
     "on-go": on_go,
     "latencies": latencies,

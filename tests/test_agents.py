@@ -335,3 +335,109 @@ def test_an_answer_cut_by_max_tokens_is_marked_not_passed_off_as_whole(
     (step,) = out["steps"]
     assert step["cut"] is True and step["answer"].endswith(" …")
     assert out["result"]["cut"] is True and out["result"]["answer"] == step["answer"]
+
+
+# -- strict tool schemas, on the real model ---------------------------------------------------------------
+# Tools as typical authors write them: types and names only, no additionalProperties, no lengths
+OPEN_TOOLS = [
+    {
+        "name": "send_message",
+        "description": "Send a text message to a contact.",
+        "parameters": {
+            "type": "object",
+            "properties": {"to": {"type": "string"}, "text": {"type": "string"}},
+            "required": ["to", "text"],
+        },
+    },
+    {
+        "name": "create_note",
+        "description": "Save a note for the user.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string"},
+                "body": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["title"],
+        },
+    },
+    {
+        "name": "set_timer",
+        "description": "Start a countdown timer.",
+        "parameters": {
+            "type": "object",
+            "properties": {"minutes": {"type": "integer"}, "label": {"type": "string"}},
+            "required": ["minutes"],
+        },
+    },
+]
+OPEN_GOALS = [
+    "Text Anna that I will be ten minutes late.",
+    "Remind me with a note: buy milk, eggs and bread.",
+    "Set a timer for 12 minutes for the pasta.",
+    "Tell Ben the meeting moved to Thursday at 3 pm.",
+    "Write down that the wifi password is on the fridge.",
+    "I need a 45 minute timer for my study session.",
+    "Send a message to Carol saying happy birthday!",
+    "Note to self: call the dentist on Monday, tag it health.",
+    "Countdown of 3 minutes please.",
+    "Message David: can you pick up the kids today?",
+]
+
+
+def run_many(bus: PrivateBus, tmp: Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    path = tmp / "runs.json"
+    path.write_text(json.dumps({"manifest": {"tools": OPEN_TOOLS}, "runs": runs}))
+    return client(bus.address, "agent-runs", str(path), timeout=900)
+
+
+def strict_form(tool_name: str) -> dict[str, Any]:
+    spec = ToolManifest.parse(json.dumps({"tools": OPEN_TOOLS})).tools
+    return next(t.strict_parameters for t in spec if t.name == tool_name)
+
+
+@pytest.mark.model
+def test_a_tool_with_an_open_schema_never_receives_a_key_it_does_not_declare(
+    bus: PrivateBus, tmp_path: Path
+) -> None:
+    """20 sampled runs (temperature 0.9, ten goals, two seeds each) over three tools whose schemas leave
+    every object open: each call the apps receive holds only declared keys, and every run ends."""
+    options = {"tool_choice": "required", "max_steps": 2, "temperature": 0.9, "max_tokens": 200}
+    runs = [
+        {"goal": goal, "options": {**options, "seed": seed, "system_tools": []}}
+        for seed in (1, 2)
+        for goal in OPEN_GOALS
+    ]
+    out = run_many(bus, tmp_path, runs)
+    declared = {t["name"]: set(t["parameters"]["properties"]) for t in OPEN_TOOLS}
+    assert len(out["calls"]) >= len(runs)  # every first step is a call
+    for call in out["calls"]:
+        assert set(call["arguments"]) <= declared[call["tool"]], call
+        jsonschema.validate(call["arguments"], strict_form(call["tool"]))
+    for run_ in out["runs"]:
+        assert run_["code"] == 0, run_["result"]
+        for step in run_["steps"]:
+            if step.get("tool"):
+                assert set(step["arguments"]) <= declared[step["tool"]], step
+
+
+@pytest.mark.model
+def test_a_run_with_open_strings_and_few_tokens_never_fails_from_an_unterminated_value(
+    bus: PrivateBus, tmp_path: Path
+) -> None:
+    """max_tokens 16 is far less than a call with two open strings may take: the step that may call gets
+    what its largest call needs, so the call always ends (before, such runs failed with "ran out of
+    tokens in the middle of a tool call")."""
+    options = {"tool_choice": "required", "max_steps": 2, "temperature": 1.0, "max_tokens": 16}
+    runs = [
+        {"goal": goal, "options": {**options, "seed": seed, "system_tools": []}}
+        for seed, goal in enumerate(OPEN_GOALS[:8])
+    ]
+    out = run_many(bus, tmp_path, runs)
+    for run_ in out["runs"]:
+        assert run_["code"] == 0, run_["result"]  # the answer step may be cut (marked), never the call
+        first = run_["steps"][0]
+        assert "partial" not in first and first["tool"] in {t["name"] for t in OPEN_TOOLS}, first
+        jsonschema.validate(first["arguments"], strict_form(first["tool"]))
+    assert len(out["calls"]) == len(runs)

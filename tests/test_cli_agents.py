@@ -309,6 +309,9 @@ def test_steps_and_triggers_read_well() -> None:
     assert describe_step(call) == 'step 1: calls get_weather {"city": "Oslo"} → {"temp": 21}'
     assert describe_step({"step": 2, "text": "part one\nsaid \x1b[2Jthis"}) == "step 2: part one said [2Jthis"
     assert describe_step({"step": 3, "answer": "It is sunny."}) == "step 3: answers"
+    partial = '{"tool": "send_message", "arguments": {"to": "B'
+    cut = {"step": 1, "tool": "send_message", "partial": partial, "cut": True}
+    assert describe_step(cut) == f"step 1: call of send_message cut short, not made: {partial}"
     assert one_line("x" * 50, 10) == "x" * 9 + "…"
     assert describe_trigger({"interval": 90}) == "every 90 s"
     assert (
