@@ -20,6 +20,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from agents.strict_schema import local_ref
+
 MAX_DEPTH = 128  # schema levels followed, $refs included (arguments nest at most 64 levels)
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -117,18 +119,7 @@ class _Checker:
         return problems
 
     def resolve(self, ref: Any) -> Any:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            return None
-        node: Any = self.root
-        for part in filter(None, ref[1:].split("/")):
-            part = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                return None
-        return node
+        return local_ref(self.root, ref)
 
     def object(self, s: dict[str, Any], v: dict[str, Any], path: str, depth: int) -> list[str]:
         props = s.get("properties") if isinstance(s.get("properties"), dict) else {}

@@ -348,10 +348,10 @@ def _branch_names(s: Any, found: dict[str, list[Any]], *, top: bool = False) -> 
             _branch_names(branch, found)
 
 
-def _resolve(root: dict[str, Any], ref: Any) -> Any:
-    """The schema a local $ref ("#/$defs/x", "#") points at in the author's parameters."""
+def local_ref(root: Any, ref: Any) -> Any:
+    """What a local $ref ("#/$defs/x", "#") points at within `root` (JSON pointer), or None."""
     if not isinstance(ref, str) or not ref.startswith("#"):
-        raise StrictSchemaError(f"$ref {ref!r} is not within the parameters")
+        return None
     node: Any = root
     for part in filter(None, ref[1:].split("/")):
         part = part.replace("~1", "/").replace("~0", "~")
@@ -360,7 +360,17 @@ def _resolve(root: dict[str, Any], ref: Any) -> Any:
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
-            raise StrictSchemaError(f"$ref {ref!r} points at nothing")
+            return None
+    return node
+
+
+def _resolve(root: dict[str, Any], ref: Any) -> Any:
+    """The schema a local $ref points at in the author's parameters, or a named error."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        raise StrictSchemaError(f"$ref {ref!r} is not within the parameters")
+    node = local_ref(root, ref)
+    if node is None:
+        raise StrictSchemaError(f"$ref {ref!r} points at nothing")
     return node
 
 
