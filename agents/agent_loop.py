@@ -2,9 +2,12 @@
 model as data, until an answer or the step budget.
 
 Each step's output is constrained (a JSON Schema or a grammar, built by the run's `ToolCallFormat` from
-the tools the run may use), so a call always names a real tool with arguments valid for it; no retry on
-malformed calls. Tool results go back marked as data; nothing in them can add tools or permissions
-(those live in the registry, outside the text).
+the strict parameters of the tools the run may use), so a call always names a real tool with arguments
+valid for it, holding only keys it declares; no retry on malformed calls. A step that may call a tool
+gets the tokens its largest call needs (agents/call_budget.py), so a call always ends; one that is cut
+anyway (by the context, or by a cap lowered to fit) is never made: it is the run's last step, named
+with the text written so far. Tool results go back marked as data; nothing in them can add tools or
+permissions (those live in the registry, outside the text).
 """
 
 from __future__ import annotations
@@ -14,16 +17,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.tool_format import ANSWER_CHARS, JSON_STEPS, StepCutError, ToolCallFormat
+from agents.call_budget import call_budget
+from agents.tool_format import ANSWER_CHARS, JSON_STEPS, InvalidStepError, StepCutError, ToolCallFormat
 from agents.tools import Tool
+
+
+class CallTooLargeError(InvalidStepError):
+    """The run must call a tool, and no tool's smallest call fits the tokens a step may take."""
+
 
 # What the agent is for; the format adds how to call tools (JSON steps, or the model's own format) and
 # that tool results are data.
 INSTRUCTIONS = "You are an assistant that can use tools."
 
-# generate(messages, json_schema or None, *, grammar=None, tools=None, **sampling) -> text: `grammar`
-# constrains instead of a schema, `tools` go to the chat template, sampling overrides e.g.
-# repetition_penalty or a lower max_tokens
+# generate(messages, json_schema or None, *, grammar=None, tools=None, grammar_tokens=None, **sampling)
+# -> text: `grammar` constrains instead of a schema, `tools` go to the chat template, `grammar_tokens`
+# is the most tokens the constraint admits (the largest call: the step may take that many, past the run's
+# max_tokens), sampling overrides e.g. repetition_penalty or a lower max_tokens
 Generate = Callable[..., Awaitable[str]]
 CallTool = Callable[[Tool, dict[str, Any]], Awaitable[Any]]  # -> the result (a JSON value)
 
@@ -37,10 +47,14 @@ class Step:
     answer: str | None = None
     text: str | None = None  # work in between, e.g. a summary of one part (custom step logic)
     cut: bool = False  # the answer ran out of tokens (or of its length limit): it ends with " …"
+    # a call cut short, never made: the step's text so far (`tool` names it if the name was written whole)
+    partial: str | None = None
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"step": self.number}
-        if self.tool is not None:
+        if self.partial is not None:
+            d.update(tool=self.tool, partial=self.partial, cut=True)
+        elif self.tool is not None:
             d.update(tool=self.tool, arguments=self.arguments, observation=self.observation)
         elif self.answer is not None:
             d["answer"] = self.answer
@@ -68,41 +82,60 @@ async def run_agent(
     constrained: bool = True,  # False only to measure what constraining buys (bench/agents.py)
     max_step_tokens: int = 1024,
     fmt: ToolCallFormat = JSON_STEPS,  # how calls look: the model's own format, or JSON steps
+    max_call_tokens: int | None = None,  # the most a step that may call a tool may take; None: max_step
 ) -> AsyncIterator[Step]:
-    """Yield each step; the last one carries the answer (forced at the step budget)."""
-    by_name = {t.spec.name: t for t in tools}
+    """Yield each step; the last one carries the answer (forced at the step budget), or is a call cut
+    short (StepCutError follows it)."""
+    by_name = {t.name: t for t in tools}
+    ceiling = max(max_step_tokens, max_call_tokens or max_step_tokens)
+    budget = call_budget(tools, fmt.call_overhead, ceiling)
+    offered = [t for t in tools if t.name in budget.calls]  # those whose calls fit the ceiling
+    if tools and not offered and tool_choice == "required":
+        raise CallTooLargeError(
+            f"no tool's call fits in {ceiling} tokens ({', '.join(sorted(budget.left_out))}); lower the "
+            "tools' limits or raise [limits] max_tokens"
+        )
+    grammar_tokens = max(max_step_tokens, budget.tokens)
     messages = [
-        {"role": "system", "content": fmt.system_prompt(tools, instructions)},
+        {"role": "system", "content": fmt.system_prompt(offered, instructions)},  # only what it can call
         {"role": "user", "content": goal},
     ]
     answer_chars = max(8, min(ANSWER_CHARS, (max_step_tokens - 16) * 3))
-    template_tools = fmt.template_tools(tools)  # the same every step
+    template_tools = fmt.template_tools(offered)  # the same every step
     made: set[str] = set()  # each call made: tool and arguments, as JSON
     must_answer = False
     number = 0  # steps shown; a repeated call is not one
     for generation in range(1, max_steps + 1):
         last = generation == max_steps or must_answer
+        may_call = not last and tool_choice != "none" and bool(offered)
         spec = fmt.constraint(
-            tools,
-            allow_answer=not (generation == 1 and tool_choice == "required" and tools),
-            allow_tools=not last and tool_choice != "none",
+            offered,
+            allow_answer=not (generation == 1 and tool_choice == "required" and offered),
+            allow_tools=may_call,
             # about 3 characters a token at least for most text; an answer cut by the token limit anyway
             # is kept and marked (below), never dropped or passed off as whole
             answer_chars=answer_chars,
+            parameters=budget.parameters(),
         )
+        # the grammar bounds a call: without it (a measurement) nothing does, and the caller's limit holds
+        tokens = grammar_tokens if may_call and constrained else max_step_tokens
         text = await generate(
             messages,
             spec.json_schema if constrained else None,
             grammar=spec.grammar if constrained else None,
             tools=template_tools,
+            **({"grammar_tokens": tokens} if tokens > max_step_tokens else {}),
         )
         number += 1
         if getattr(text, "finish_reason", "stop") in ("length", "context"):
             partial = fmt.cut_answer(text)
-            if partial is None:
+            if partial is None:  # a call cut short: named, with what was written, and never made
+                name = fmt.cut_call(text)
+                yield Step(number, tool=name, partial=str(text))
+                ran_out = "the context" if getattr(text, "finish_reason", "") == "context" else "tokens"
                 raise StepCutError(
-                    f"step {number} ran out of tokens in the middle of a tool call; give the run a larger "
-                    f"max_tokens (it was {max_step_tokens})"
+                    f"step {number} ran out of {ran_out} in the middle of a call of {name or 'a tool'}; "
+                    f"the call was not made (the step had {tokens} tokens)"
                 )
             yield Step(number, answer=partial.rstrip() + " …", cut=True)
             return
@@ -111,6 +144,13 @@ async def run_agent(
             whole = len(decided["answer"]) < answer_chars  # at the limit, the constraint closed it
             yield Step(number, answer=decided["answer"] if whole else decided["answer"] + " …", cut=not whole)
             return
+        fitted = budget.calls.get(decided["tool"])
+        if constrained and fitted is not None and fitted.reached_lowered_cap(decided["arguments"]):
+            yield Step(number, tool=decided["tool"], arguments=decided["arguments"], partial=str(text))
+            raise StepCutError(
+                f"step {number}: the call of {decided['tool']} reached a length its tool's limits were "
+                f"lowered to, to fit {ceiling} tokens, so a value may be cut short; the call was not made"
+            )
         key = json.dumps([decided["tool"], decided["arguments"]], sort_keys=True)
         if key in made:  # a small model repeats a call rather than answer: it has what it can get, so
             number -= 1  # the repeat is dropped and the next generation must answer
@@ -119,7 +159,7 @@ async def run_agent(
         made.add(key)
         messages.append({"role": "assistant", "content": text})
         tool = by_name[decided["tool"]]
-        step = Step(number, tool=tool.spec.name, arguments=decided["arguments"])
+        step = Step(number, tool=tool.name, arguments=decided["arguments"])
         step.observation = await call_tool(tool, step.arguments)
-        messages.append(fmt.observation(tool.spec.name, step.observation))
+        messages.append(fmt.observation(tool.name, step.observation))
         yield step

@@ -49,11 +49,14 @@ class AgentContext:
     max_steps: int
     max_step_tokens: int  # output tokens one generation may take
     tool_choice: str = "auto"
+    # the most tokens a step whose grammar bounds it may take (the largest call of a tool: see
+    # agents/call_budget.py), past max_step_tokens; 0: max_step_tokens
+    max_call_tokens: int = 0
     constrained: bool = True
     tool_format: ToolCallFormat = JSON_STEPS  # how tool calls look for the served model
 
     def tool(self, name: str) -> Tool | None:
-        return next((t for t in self.tools if t.spec.name == name), None)
+        return next((t for t in self.tools if t.name == name), None)
 
 
 class AgentPlugin:
@@ -62,8 +65,10 @@ class AgentPlugin:
     name: str = ""
     description: str = ""
     instructions: str = INSTRUCTIONS  # the system prompt of the default step logic
-    # Tools the agent needs, by name: a run fails with NotFound unless the caller may use each one, and
-    # only these are offered. None: every tool the caller may use.
+    # Tools the agent needs, by the name a run sees: a plain name is the calling app's own tool (or a
+    # system tool), "<app id>/<name>" another app's shared one (agents/tools.py). A run fails with
+    # NotFound unless the caller may use each one, and only these are offered. None: every tool the
+    # caller may use.
     tools: tuple[str, ...] | None = None
 
     def __init__(self, **overrides: Any) -> None:
@@ -91,7 +96,7 @@ class AgentPlugin:
         """The tools this agent gets from those the caller may use."""
         if self.tools is None:
             return list(usable)
-        by_name = {t.spec.name: t for t in usable}
+        by_name = {t.name: t for t in usable}
         missing = [n for n in self.tools if n not in by_name]
         if missing:
             raise MissingToolError(
@@ -113,6 +118,7 @@ class AgentPlugin:
             constrained=ctx.constrained,
             max_step_tokens=ctx.max_step_tokens,
             fmt=ctx.tool_format,
+            max_call_tokens=ctx.max_call_tokens or None,
         )
 
     def describe(self) -> dict[str, Any]:

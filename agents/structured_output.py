@@ -12,7 +12,6 @@ thread at once: llguidance drops the GIL, so it runs while onnxruntime computes 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,10 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import llguidance as llg
 import numpy as np
 
+from llmos import bounded_json
 from llmos.errors import LlmosError
 from llmos.tokenizer import Tokenizer
 
 MAX_SCHEMA_CHARS = 64 * 1024
+MAX_SCHEMA_DEPTH = bounded_json.MAX_DEPTH  # llguidance's compiler recurses into the schema, natively
 # Compact JSON with a space after ":" and ",": free whitespace lets a small model wander (newlines,
 # indentation), spending tokens on nothing; none at all reads badly and tokenizes worse.
 JSON_STYLE: llg.JsonCompileOptions = {
@@ -37,6 +38,16 @@ class InvalidSchemaError(LlmosError):
     """A `json_schema` that is not JSON, not a schema, or uses what the grammar compiler cannot do."""
 
     dbus_name = "InvalidArgument"
+
+
+def parse_schema(schema: str) -> object:
+    """A caller's `json_schema` text, parsed within its size and depth; InvalidSchemaError otherwise."""
+    try:
+        return bounded_json.loads(
+            schema, "json_schema", max_chars=MAX_SCHEMA_CHARS, max_depth=MAX_SCHEMA_DEPTH
+        )
+    except bounded_json.InvalidJsonError as e:
+        raise InvalidSchemaError(str(e)) from None
 
 
 class StructuredOutput:
@@ -58,10 +69,7 @@ class StructuredOutput:
         with self._lock:
             if schema in self._compiled:
                 return self._compiled[schema]
-        try:
-            parsed = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise InvalidSchemaError(f"json_schema is not JSON: {e}") from None
+        parsed = parse_schema(schema)
         if not isinstance(parsed, dict | bool):
             raise InvalidSchemaError("json_schema must be a JSON object (or true/false)")
         try:

@@ -2,13 +2,19 @@
 categories (a user request, the tools offered, the expected call), with and without constrained
 decoding, in one run.
 
-    .venv/bin/python bench/agents.py [--json out.json]
+    .venv/bin/python bench/agents.py [--json out.json] [--modes constrained,open,unconstrained]
+                                     [--max-tokens 400]
 
-Per mode: valid-call rate (the first step is a call of an offered tool with arguments valid against its
-schema), exact tool choice rate, argument accuracy (every expected argument present with the expected
-value; strings compared case-insensitively, trimmed), and per-step latency (Run call to each Step
-signal, as the app sees it). The app registers exactly the case's tools and runs with
-`tool_choice = required`, so the first step must be a call.
+Modes: `constrained` offers the tools as written here (closed objects, bounded strings and numbers);
+`open` offers the same tools written the way typical authors write them (no `additionalProperties`,
+no `maxLength`, no numeric bounds), constrained; `open-sampled` is `open` at temperature 0.9 (case i
+with seed i); `unconstrained` is the first with constrained decoding switched off. All greedy but
+`open-sampled`. Per mode: valid-call rate (the first step is a call of an offered tool with
+arguments valid against its schema as written), exact tool choice rate, argument accuracy (every
+expected argument present with the expected value; strings compared case-insensitively, trimmed),
+calls with invented keys (any step's call whose arguments hold a key its tool does not declare), failed
+runs, and per-step latency (Run call to each Step signal, as the app sees it). The app registers exactly
+the case's tools and runs with `tool_choice = required`, so the first step must be a call.
 """
 
 from __future__ import annotations
@@ -62,6 +68,15 @@ ALARM = tool(
 CALL = tool("call_contact", "Start a phone call.", name=S)
 ALL = [WEATHER, CURRENCY, TIMER, MESSAGE, FILES, MUSIC, TRANSLATE, STOCK, ALARM, CALL]
 
+
+def opened(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same tool as a typical author writes it: types and required names only, nothing closed or
+    bounded."""
+    props = {k: {"type": v["type"]} for k, v in spec["parameters"]["properties"].items()}
+    params = {"type": "object", "properties": props, "required": spec["parameters"]["required"]}
+    return {**spec, "parameters": params}
+
+
 # (request, expected tool, expected arguments)
 CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("What's the weather in Paris?", WEATHER, {"city": "Paris"}),
@@ -107,6 +122,13 @@ for k, (req, t, args) in enumerate(CASES):
     offered.insert(k % 4, t)
     MULTIPLE.append((req, offered, t, args))
 EVAL = SIMPLE + MULTIPLE  # 17 + 33 = 50
+# mode: (open schemas, constrained, Run options besides the bench's own)
+MODES: dict[str, tuple[bool, str, dict[str, Any]]] = {
+    "constrained": (False, "1", {}),
+    "open": (True, "1", {}),
+    "open-sampled": (True, "1", {"temperature": 0.9}),
+    "unconstrained": (False, "0", {}),
+}
 
 
 def same(got: Any, want: Any) -> bool:
@@ -115,11 +137,22 @@ def same(got: Any, want: Any) -> bool:
     return got == want
 
 
-def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    valid = choice = args_ok = 0
+def invented(steps: list[dict[str, Any]], offered: list[dict[str, Any]]) -> int:
+    """Calls in a run whose arguments hold a key their tool does not declare."""
+    declared = {t["name"]: set(t["parameters"].get("properties", {})) for t in offered}
+    return sum(
+        1 for s in steps if s.get("tool") in declared and set(s.get("arguments") or {}) - declared[s["tool"]]
+    )
+
+
+def score(runs: list[dict[str, Any]], open_schemas: bool = False) -> dict[str, Any]:
+    valid = choice = args_ok = invented_calls = calls = 0
     firsts, seconds = [], []
     for (_req, offered, want_tool, want_args), run in zip(EVAL, runs, strict=True):
+        offered = [opened(t) for t in offered] if open_schemas else offered
         steps = run["steps"]
+        calls += sum(1 for s in steps if s.get("tool"))
+        invented_calls += invented(steps, offered)
         first = steps[0] if steps else {}
         spec = next((t for t in offered if t["name"] == first.get("tool")), None)
         if spec is not None:
@@ -142,6 +175,8 @@ def score(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "valid_call_rate": valid / n,
         "exact_tool_choice_rate": choice / n,
         "argument_accuracy": args_ok / n,
+        "calls": calls,
+        "calls_with_invented_keys": invented_calls,
         "first_step_s_median": statistics.median(firsts) if firsts else None,
         "answer_step_s_median": statistics.median(seconds) if seconds else None,
         "failed_runs": sum(1 for r in runs if r["code"] != 0),
@@ -156,7 +191,12 @@ def secs(v: float | None) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
+    ap.add_argument("--max-tokens", type=int, default=400, help="per step (the Run option)")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        ap.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
     tmp = Path(tempfile.mkdtemp(prefix="llmos-agents-"))
     store = tmp / "store"
     ModelStore(store).import_gguf(default_gguf_path(), make_default=True)
@@ -164,23 +204,37 @@ def main() -> int:
     # each case offers its own tools only: no system tools beside them
     (tmp / "llmosd.toml").write_text(f'state_dir = "{tmp / "state"}"\n[apps.default]\nsystem_tools = []\n')
     daemon = Daemon(bus.address, store, "--config", str(tmp / "llmosd.toml"), "--threads", "2")
-    cases = [{"request": req, "tools": offered} for req, offered, _t, _a in EVAL]
-    (tmp / "cases.json").write_text(json.dumps(cases))
     res: dict[str, Any] = {}
     try:
-        for mode, flag in (("constrained", "1"), ("unconstrained", "0")):
-            runs = client(bus.address, "agent-eval", str(tmp / "cases.json"), flag, timeout=3600)["runs"]
-            res[mode] = score(runs)
+        for mode in modes:
+            open_schemas, flag, options = MODES[mode]
+            cases = [
+                {"request": req, "tools": [opened(t) for t in offered] if open_schemas else offered}
+                for req, offered, _t, _a in EVAL
+            ]
+            (tmp / "cases.json").write_text(json.dumps(cases))
+            runs = client(
+                bus.address,
+                "agent-eval",
+                str(tmp / "cases.json"),
+                flag,
+                str(args.max_tokens),
+                json.dumps(options),
+                timeout=3600,
+            )["runs"]
+            res[mode] = score(runs, open_schemas)
             print(mode, json.dumps(res[mode]), flush=True)
     finally:
         daemon.stop()
         bus.stop()
-    print("\nTool use, default model, 50 cases (17 simple, 33 multiple), through D-Bus:")
+    print(f"\nTool use, default model, 50 cases (17 simple, 33 multiple), {args.max_tokens} tokens a step:")
     for mode, r in res.items():
         print(
             f"  {mode:13s} valid calls {r['valid_call_rate']:.0%}, "
             f"exact tool {r['exact_tool_choice_rate']:.0%}, "
-            f"arguments {r['argument_accuracy']:.0%}, first step {secs(r['first_step_s_median'])}, "
+            f"arguments {r['argument_accuracy']:.0%}, "
+            f"invented keys {r['calls_with_invented_keys']}/{r['calls']} calls, "
+            f"first step {secs(r['first_step_s_median'])}, "
             f"answer step {secs(r['answer_step_s_median'])}, runs failed {r['failed_runs']}"
         )
     if args.json:

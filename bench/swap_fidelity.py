@@ -279,7 +279,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         (b2,) = run(disk, Request(turn2, second, app_id="b", session_key=key))
         (c2,) = run(scratch, Request(turn2, second, app_id="c"))
         # (d): the same in-memory session, its decode batched with another app's request.
-        memory.kv.park(key + "d", "a", kv_ids, exact.copy())
+        memory.kv.park(key + "d", ("a", None), kv_ids, exact.copy())
         companion = Request("Tell me a long story about a lighthouse keeper.", second, app_id="z")
         d2, _ = run(memory, Request(turn2, second, app_id="a", session_key=key + "d"), companion)
         assert a2.restored_from == "memory" and b2.restored_from == "disk" and c2.reused_tokens == 0

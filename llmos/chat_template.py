@@ -129,20 +129,28 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        enable_thinking: bool | None = None,
     ) -> str:
-        """The prompt text for `messages`, ending with the assistant's turn header if asked."""
+        """The prompt text for `messages`, ending with the assistant's turn header if asked.
+
+        `enable_thinking` reaches templates with a thinking switch (Qwen3's: False opens the reply with
+        an empty `<think>` block, the way the model was trained to answer directly); None leaves the
+        template's default, and templates without the switch ignore it.
+        """
         checked = _check_messages(messages)
         if tools is not None and (
             not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)
         ):
             raise ChatTemplateError("tools must be a list of JSON objects")
         try:
+            extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
             return self._template.render(
                 messages=checked,
                 add_generation_prompt=add_generation_prompt,
                 tools=tools,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except _TemplateRaised as e:
             raise ChatTemplateError(f"the model's chat template rejected these messages: {e.message}") from e

@@ -71,10 +71,16 @@ class ContextOverflowError(LlmosError):
 
     dbus_name = "ContextOverflow"
 
-    def __init__(self, needed: int, limit: int, what: str = "prompt") -> None:
-        self.needed = needed
+    def __init__(self, needed: int, limit: int, what: str = "prompt", message: str | None = None) -> None:
+        self.needed = needed  # tokens (at least this many, when the text was refused by its size)
         self.limit = limit
-        super().__init__(f"{what} needs {needed} tokens but the context holds {limit}")
+        super().__init__(message or f"{what} needs {needed} tokens but the context holds {limit}")
+
+
+class InputTooLargeError(LlmosError):
+    """A text over the hard cap on any one input (see llmos.input_bounds), refused before any work."""
+
+    dbus_name = "InvalidArgument"
 
 
 class CapacityError(LlmosError):

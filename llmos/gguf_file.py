@@ -7,6 +7,8 @@ does not: that every tensor's bytes are really in the file and that the hyper-pa
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,10 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize
 
+from llmos.architectures import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture
 from llmos.errors import ModelFormatError, UnsupportedModelError
-
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,28 @@ class LlamaHParams:
     rms_eps: float
     tied_embeddings: bool
     attention_bias: bool  # qwen2 has q/k/v biases
+    # What the architecture adds to the llama block (llmos/architectures.py); the defaults are llama's.
+    rope_interleaved: bool = True  # adjacent-pair rotary (llama.cpp NORM); False: half-split (NEOX)
+    qk_norm: bool = False  # per-head RMS norm of q and k before rotary (qwen3, gemma3)
+    post_norms: bool = False  # RMS norm on the attention and FFN outputs before the residual add (gemma3)
+    ffn_activation: str = "silu"  # of the gate: "silu" or "gelu_tanh"
+    embedding_scale: float = 1.0  # token embeddings are multiplied by it (gemma3: sqrt(n_embd))
+    attention_scale: float = 0.0  # scale of q.k; 0 means 1/sqrt(head_dim)
+    rope_freq_scale: float = 1.0  # linear rope scaling: positions x this (1/factor)
+    rope_freq_factors: tuple[float, ...] | None = None  # llama 3.x `rope_freqs.weight`: angle / factor[i]
+    sliding_window: int = 0  # keys a sliding-window layer sees, the query's own included (0: none)
+    local_layers: tuple[int, ...] = ()  # layers with the sliding window (and their own rotary base)
+    rope_theta_local: float = 10000.0  # rotary base of the sliding-window layers
+    final_logit_softcap: float = 0.0  # logits = c * tanh(logits / c) when > 0
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the attention's query (and output) side: heads x head_dim, not always n_embd."""
+        return self.n_head * self.head_dim
+
+    @property
+    def kq_scale(self) -> float:
+        return self.attention_scale or float(1.0 / np.sqrt(self.head_dim))
 
 
 class GGUFFile:
@@ -114,19 +138,45 @@ class GGUFFile:
 
     def hparams(self) -> LlamaHParams:
         arch = self.architecture
-        if arch not in SUPPORTED_ARCHITECTURES:
+        spec = ARCHITECTURES.get(arch)
+        if spec is None:
             raise UnsupportedModelError(
                 f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
+        n_layer = int(self.require(f"{arch}.block_count"))
         n_embd = int(self.require(f"{arch}.embedding_length"))
         n_head = int(self.require(f"{arch}.attention.head_count"))
         n_head_kv = int(self.get(f"{arch}.attention.head_count_kv", n_head))
         head_dim = int(self.get(f"{arch}.attention.key_length", n_embd // max(n_head, 1)))
         emb = self.tensor("token_embd.weight")
         n_vocab = emb.shape[0]
-        hp = LlamaHParams(
+        q = self._tensors.get("blk.0.attn_q.weight")
+        q_shape = tuple(int(d) for d in reversed(q.shape.tolist())) if q is not None else None
+        if (
+            n_head <= 0
+            or n_head_kv <= 0
+            or head_dim <= 0
+            or n_head % n_head_kv
+            or (q_shape is not None and q_shape != (n_head * head_dim, n_embd))
+            or (q_shape is None and head_dim * n_head != n_embd)
+        ):
+            raise ModelFormatError(
+                f"{self.path}: inconsistent attention shape (embd {n_embd}, heads {n_head}, "
+                f"kv heads {n_head_kv}, head dim {head_dim}, attn_q {q_shape})"
+            )
+        if head_dim % 2:
+            raise UnsupportedModelError(f"head dimension {head_dim} is odd; rotary needs it even")
+        value_dim = int(self.get(f"{arch}.attention.value_length", head_dim))
+        rope_dims = int(self.get(f"{arch}.rope.dimension_count", head_dim))
+        if value_dim != head_dim or rope_dims != head_dim:
+            raise UnsupportedModelError(
+                f"key length {head_dim}, value length {value_dim} and rotary dimensions {rope_dims} differ; "
+                "llmos runs only models where all three are the head size"
+            )
+        window, local = self._sliding_window(spec, n_layer)
+        return LlamaHParams(
             architecture=arch,
-            n_layer=int(self.require(f"{arch}.block_count")),
+            n_layer=n_layer,
             n_embd=n_embd,
             n_ff=int(self.require(f"{arch}.feed_forward_length")),
             n_head=n_head,
@@ -138,21 +188,105 @@ class GGUFFile:
             rms_eps=float(self.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             tied_embeddings="output.weight" not in self._tensors,
             attention_bias="blk.0.attn_q.bias" in self._tensors,
+            rope_interleaved=spec.rope_interleaved,
+            qk_norm=spec.qk_norm,
+            post_norms=spec.post_norms,
+            ffn_activation=spec.ffn_activation,
+            embedding_scale=float(np.sqrt(np.float32(n_embd))) if spec.scaled_embeddings else 1.0,
+            attention_scale=self._attention_scale(spec, n_layer, n_embd, n_head, head_dim),
+            rope_freq_scale=self._rope_freq_scale(arch),
+            rope_freq_factors=self._rope_freq_factors(spec, head_dim),
+            sliding_window=window,
+            local_layers=local,
+            rope_theta_local=float(self.get(f"{arch}.rope.freq_base_swa", spec.rope_theta_local)),
+            final_logit_softcap=float(self.get(f"{arch}.final_logit_softcapping", 0.0) or 0.0),
         )
-        if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or head_dim * n_head != n_embd:
+
+    def _rope_freq_scale(self, arch: str) -> float:
+        """llama.cpp's rule: `rope.scaling.factor` (or the old `rope.scale_linear`) divides positions unless
+        the scaling type is "none"; an absent type means linear. YaRN and LongRoPE are not supported."""
+        kind = self.get(f"{arch}.rope.scaling.type")
+        kind = "linear" if kind is None else str(kind)
+        if kind == "none":
+            return 1.0
+        if kind != "linear":
+            raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (only linear and llama 3's)")
+        factor = self.get(f"{arch}.rope.scaling.factor")
+        if factor is None:
+            factor = self.get(f"{arch}.rope.scale_linear")
+        factor = float(factor or 0.0)
+        if factor < 0 or not np.isfinite(factor):
+            raise ModelFormatError(f"{self.path}: rope scaling factor {factor} is not a positive number")
+        return 1.0 if factor == 0.0 else 1.0 / factor
+
+    def _rope_freq_factors(self, spec: Architecture, head_dim: int) -> tuple[float, ...] | None:
+        """llama 3.x: the converter folds its rope scaling into `rope_freqs.weight`, one divisor of the
+        rotary angle per frequency (llama.cpp passes it to ggml_rope_ext as freq_factors)."""
+        t = self._tensors.get("rope_freqs.weight")
+        if t is None or not spec.rope_freq_factors:
+            return None
+        values = np.asarray(dequantize(np.asarray(t.data), GGMLQuantizationType(t.tensor_type)))
+        values = values.reshape(-1).astype(np.float64)
+        if values.size != head_dim // 2 or not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ModelFormatError(
-                f"{self.path}: inconsistent attention shape (embd {n_embd}, heads {n_head}, "
-                f"kv heads {n_head_kv}, head dim {head_dim})"
+                f"{self.path}: rope_freqs.weight needs {head_dim // 2} positive factors, has {values.size}"
             )
-        if head_dim % 2:
-            raise UnsupportedModelError(f"head dimension {head_dim} is odd; rotary needs it even")
-        if self.get(f"{arch}.rope.scaling.type") not in (None, "none"):
-            raise UnsupportedModelError(
-                f"rope scaling {self.get(f'{arch}.rope.scaling.type')!r} is not supported"
-            )
-        return hp
+        return tuple(float(v) for v in values)
+
+    def _sliding_window(self, spec: Architecture, n_layer: int) -> tuple[int, tuple[int, ...]]:
+        """The window size and which layers use it. gemma3: every layer but each 6th (5, 11, ...), as
+        llama.cpp's set_swa_pattern(6); a file's own `attention.sliding_window_pattern` (a period, or one
+        flag per layer) overrides the pattern. No window (or 0) means every layer is global."""
+        arch = spec.name
+        window = int(self.get(f"{arch}.attention.sliding_window", 0) or 0) if spec.swa_pattern else 0
+        if window <= 0:
+            return 0, ()
+        pattern = self.get(f"{arch}.attention.sliding_window_pattern", spec.swa_pattern)
+        if isinstance(pattern, list | np.ndarray):
+            flags = [bool(v) for v in pattern]
+            if len(flags) != n_layer:
+                raise ModelFormatError(
+                    f"{self.path}: sliding_window_pattern has {len(flags)} flags for {n_layer} layers"
+                )
+            return window, tuple(i for i, f in enumerate(flags) if f)
+        period = int(pattern)
+        if period <= 0:
+            return window, tuple(range(n_layer))
+        return window, tuple(i for i in range(n_layer) if i % period < period - 1)
+
+    @staticmethod
+    def _attention_scale(spec: Architecture, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> float:
+        """gemma3 scales q.k by 1/sqrt(query_pre_attn_scalar), which GGUF does not carry: llama.cpp uses
+        the head size, except for the 27B (62 layers) where it is n_embd / n_head (168), as in Google's
+        configs. Every other architecture: 1/sqrt(head_dim)."""
+        if spec.name == "gemma3" and n_layer == 62:
+            return float(1.0 / np.sqrt(np.float32(n_embd // n_head)))
+        return float(1.0 / np.sqrt(np.float32(head_dim)))
 
     # -- tensors --------------------------------------------------------------------------------------
+    def release(self, name: str) -> None:
+        """Done with a tensor: drop its pages of the file mapping from this process (they stay in the
+        page cache), so reading a whole model does not hold the whole file resident."""
+        t = self._tensors.get(name)
+        mm = getattr(self._reader.data, "_mmap", None)
+        if t is None or mm is None:
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        end = t.data_offset + t.data.nbytes
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def drop_vocabulary(self) -> None:
+        """Forget the tokenizer's metadata arrays once the tokenizer is built: the reader keeps a numpy
+        view per token and merge, ~160 MB for a 49k vocabulary."""
+        for key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+        ):
+            self._reader.fields.pop(key, None)
+
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 

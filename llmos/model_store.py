@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmos.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256, default_gguf_path, sha256_file
+from llmos.engine import native_ops
+from llmos.engine.memory import release_free_heap
 from llmos.errors import (
     LlmosError,
     ModelCorruptError,
@@ -173,6 +176,8 @@ class ModelStore:
             old = ModelManifest.read(target)
             if old.source_sha256 != digest or old.builder_version != BUILDER_VERSION or not old.files:
                 return False  # another source, an older graph, or imported before digests: rebuild
+            if old.custom_op_domains and not native_ops.available():
+                return False  # imported for the native op, whose library is gone: MatMulNBits now
             verify_model(target, old)  # a damaged directory is rebuilt by the same import command
         except LlmosError:
             return False
@@ -194,9 +199,16 @@ class ModelStore:
         step("tokenizer", 0, 1)
         tok = Tokenizer.from_gguf(gguf)
         tok.save(out)
+        gguf.drop_vocabulary()  # built and saved: the reader's per-token views are ~160 MB
         step("tokenizer", 1, 1)
         try:
-            report = build_onnx(gguf, precision, out, progress=lambda i, n: step("graph", i, n))
+            report = build_onnx(
+                gguf,
+                precision,
+                out,
+                progress=lambda i, n: step("graph", i, n),
+                native_ops=native_ops.available(),  # import decides: the op when its library loads here
+            )
         except LlmosError:
             raise
         except Exception as e:
@@ -226,9 +238,10 @@ class ModelStore:
             source_sha256=digest,
             source_quant=types.most_common(1)[0][0] if types else "unknown",
             embedding=report.embedding,
+            custom_op_domains=[native_ops.DOMAIN] if report.native_matrices else [],
         )
         step("check", 0, 1)
-        self._check_loads(out)
+        self._check_loads(out, manifest)
         step("check", 1, 1)
         step("digest", 0, 1)
         manifest = manifest.model_copy(update={"files": digest_directory(out)})  # what load checks
@@ -236,16 +249,23 @@ class ModelStore:
         manifest.write(out)  # last: a directory with a manifest is complete
 
     @staticmethod
-    def _check_loads(out: Path) -> None:
+    def _check_loads(out: Path, manifest: ModelManifest) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if manifest.custom_op_domains:
+            native_ops.register(so)
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # loading is the check: prepacked copies of every weight would double the import's peak memory
+        so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelImportError(f"the built graph does not load in onnxruntime: {e}") from e
+        finally:
+            gc.collect()
+            release_free_heap()
 
     def _publish(self, tmp: Path, target: Path) -> None:
         for f in tmp.iterdir():

@@ -8,6 +8,7 @@ Building from a GGUF is done once at model import and saved as `tokenizer.json`;
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -21,6 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmos.errors import TokenizerError, UnsupportedModelError
+from llmos.spm_vocab import SPACE, spm_tokenizer
 
 if TYPE_CHECKING:  # the gguf reader is only needed at import time, not to load a model
     from llmos.gguf_file import GGUFFile
@@ -72,8 +74,13 @@ PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "llama-v3": _LLAMA3_PRE,
 }
 
-# Token texts that end a turn in the chat formats llmos meets; they stop generation like EOS does.
-_END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>")
+# Longer texts are encoded without holding Python's GIL, so other threads (the service's event loop, the
+# engine) run meanwhile; shorter ones take microseconds and the single-text call is cheaper for them.
+GIL_FREE_CHARS = 8192
+
+# Token texts that end a turn in the chat formats llmos meets; they stop generation like EOS does
+# (llama.cpp's end-of-generation list has them too).
+_END_OF_TURN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>")
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -127,8 +134,10 @@ class Tokenizer:
         eos_ids: Iterable[int],
         add_bos: bool,
         pre: str,
+        model: str = "gpt2",
     ) -> None:
-        """Wrap a configured `tokenizers.Tokenizer`; use `from_gguf` or `load` rather than this."""
+        """Wrap a configured `tokenizers.Tokenizer`; use `from_gguf` or `load` rather than this.
+        `model` is the GGUF's tokenizer kind: "gpt2" (byte-level BPE) or "llama" (SentencePiece)."""
         self._hf = hf
         self._hf_raw: HFTokenizer | None = None  # a twin that reads special-token text as plain text
         self._raw_lock = threading.Lock()
@@ -142,6 +151,7 @@ class Tokenizer:
         self.eos_ids = frozenset(eos_ids) | {eos_id}
         self.add_bos = add_bos
         self.pre = pre
+        self.model = model
         for name, i in (("bos", bos_id), ("eos", eos_id)):
             if i is not None and not 0 <= i < self._vocab_size:
                 raise TokenizerError(f"{name} token id {i} is outside the vocabulary of {self._vocab_size}")
@@ -151,29 +161,36 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
-        """Build the tokenizer from `tokenizer.ggml.*` metadata (slow-ish: done once, at import)."""
+        """Build the tokenizer from `tokenizer.ggml.*` metadata (slow-ish: done once, at import).
+
+        `tokenizer.ggml.model` "gpt2" is byte-level BPE (SmolLM, Qwen, Llama 3) with the pre-tokenizer
+        `tokenizer.ggml.pre` names; "llama" is SentencePiece (Gemma, Llama 2), see llmos/spm_vocab.py.
+        """
         where = str(gguf.path)
         model = gguf.get("tokenizer.ggml.model")
         if model is None:
             raise TokenizerError(f"{where}: tokenizer metadata is missing (no tokenizer.ggml.model)")
-        if model != "gpt2":
+        if model not in ("gpt2", "llama"):
             raise UnsupportedModelError(
-                f"{where}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')"
+                f"{where}: tokenizer model {model!r} is not supported "
+                "(byte-level BPE 'gpt2' and SentencePiece 'llama' are)"
             )
-        pre_name = gguf.get("tokenizer.ggml.pre")
-        if pre_name is None:
-            raise TokenizerError(
-                f"{where}: tokenizer.ggml.pre is missing, so the pre-tokenizer is unknown "
-                "(re-convert the model with a current llama.cpp convert_hf_to_gguf.py)"
-            )
-        pre = PRE_TOKENIZERS.get(str(pre_name))
-        if pre is None:
-            raise UnsupportedModelError(
-                f"{where}: pre-tokenizer {pre_name!r} is not supported "
-                f"(supported: {', '.join(PRE_TOKENIZERS)})"
-            )
+        pre: _PreTokenizer | None = None
+        pre_name = "spm"
+        if model == "gpt2":
+            pre_name = gguf.get("tokenizer.ggml.pre")
+            if pre_name is None:
+                raise TokenizerError(
+                    f"{where}: tokenizer.ggml.pre is missing, so the pre-tokenizer is unknown "
+                    "(re-convert the model with a current llama.cpp convert_hf_to_gguf.py)"
+                )
+            pre = PRE_TOKENIZERS.get(str(pre_name))
+            if pre is None:
+                raise UnsupportedModelError(
+                    f"{where}: pre-tokenizer {pre_name!r} is not supported "
+                    f"(supported: {', '.join(PRE_TOKENIZERS)})"
+                )
         tokens = _string_list(gguf, "tokenizer.ggml.tokens")
-        merges = _string_list(gguf, "tokenizer.ggml.merges")
         types = gguf.get("tokenizer.ggml.token_type")
         if types is None:
             raise TokenizerError(f"{where}: tokenizer.ggml.token_type is missing (it marks special tokens)")
@@ -187,7 +204,9 @@ class Tokenizer:
             raise TokenizerError(f"{where}: tokenizer.ggml.eos_token_id is missing (nothing ends a reply)")
         bos_id = _token_id(gguf, "tokenizer.ggml.bos_token_id", len(tokens))
         add_bos_meta = gguf.get("tokenizer.ggml.add_bos_token")
-        add_bos = pre.add_bos_default if add_bos_meta is None else bool(add_bos_meta)
+        # llama.cpp's defaults when the GGUF does not say: per pre-tokenizer for BPE, BOS for SPM
+        add_bos_default = pre.add_bos_default if pre is not None else True
+        add_bos = add_bos_default if add_bos_meta is None else bool(add_bos_meta)
 
         vocab: dict[str, int] = {}
         for i, text in enumerate(tokens):
@@ -195,22 +214,19 @@ class Tokenizer:
                 text = tokens[i] = f"[EMPTY_{i}]"  # what llama.cpp calls an empty token
             if vocab.setdefault(text, i) != i:
                 raise TokenizerError(f"{where}: token {text!r} appears twice (ids {vocab[text]} and {i})")
-        pairs: list[tuple[str, str]] = []
-        for n, merge in enumerate(merges):
-            left, sep, right = merge.partition(" ")
-            if not sep or not left or not right:
-                raise TokenizerError(f"{where}: merge #{n} {merge!r} is not two tokens separated by a space")
-            pairs.append((left, right))
-        try:
-            bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges)
-        except Exception as e:  # e.g. a merge whose result is not in the vocabulary
-            raise TokenizerError(f"{where}: tokens and merges do not form a BPE vocabulary ({e})") from e
-        hf = HFTokenizer(bpe)
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(p), "isolated") for p in pre.patterns]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-        hf.decoder = decoders.ByteLevel()
+        if pre is not None:
+            hf = _byte_level_bpe(where, vocab, _string_list(gguf, "tokenizer.ggml.merges"), pre)
+        else:
+            scores = gguf.get("tokenizer.ggml.scores")
+            if scores is None or len(scores) != len(tokens):
+                raise TokenizerError(f"{where}: a SentencePiece vocabulary needs one score per token")
+            unk_id = _token_id(gguf, "tokenizer.ggml.unknown_token_id", len(tokens))
+            hf = spm_tokenizer(
+                tokens,
+                np.asarray(scores, dtype=np.float64).tolist(),
+                add_space_prefix=bool(gguf.get("tokenizer.ggml.add_space_prefix", True)),
+                unk=None if unk_id is None else tokens[unk_id],
+            )
         control = np.flatnonzero(types == _TYPE_CONTROL).tolist()
         user = np.flatnonzero(types == _TYPE_USER_DEFINED).tolist()
         # Control tokens are only recognised in text when asked (parse_special); user-defined tokens always.
@@ -224,7 +240,9 @@ class Tokenizer:
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
             if (i := _token_id(gguf, key, len(tokens))) is not None:
                 eos_ids.add(i)
-        return cls(hf, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids, add_bos=add_bos, pre=str(pre_name))
+        return cls(
+            hf, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids, add_bos=add_bos, pre=str(pre_name), model=model
+        )
 
     def hf_json(self) -> str:
         """The `tokenizers` JSON of this tokenizer (what grammar engines such as llguidance load)."""
@@ -241,6 +259,7 @@ class Tokenizer:
             "eos_ids": sorted(self.eos_ids),
             "add_bos": self.add_bos,
             "pre": self.pre,
+            "model": self.model,
         }
         _write_atomic(d / TOKENIZER_FILE, self._hf.to_str())
         _write_atomic(d / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
@@ -266,6 +285,7 @@ class Tokenizer:
                 eos_ids=[int(i) for i in config["eos_ids"]],
                 add_bos=bool(config["add_bos"]),
                 pre=str(config["pre"]),
+                model=str(config.get("model", "gpt2")),  # saved before SentencePiece: byte-level BPE
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TokenizerError(f"{d}/{CONFIG_FILE}: missing or bad field ({e})") from e
@@ -276,14 +296,19 @@ class Tokenizer:
 
         With `parse_special`, control-token text such as `<|im_start|>` becomes that token's id (what
         a rendered chat template needs); without it, such text is tokenized as ordinary characters (what
-        untrusted user text needs, so it cannot forge turn boundaries).
+        untrusted user text needs, so it cannot forge turn boundaries). A text that already starts with
+        the BOS token (a chat template that writes `{{ bos_token }}`, as Llama 3's and Gemma's do) does
+        not get a second one: llama.cpp's chat path strips the template's BOS for the same reason.
         """
         hf = self._hf if parse_special else self._raw()
         try:
-            ids: list[int] = hf.encode(text, add_special_tokens=False).ids
+            if len(text) <= GIL_FREE_CHARS:
+                ids: list[int] = hf.encode(text, add_special_tokens=False).ids
+            else:  # the batch call releases the GIL (a single encode holds it: ~0.7 s per MiB)
+                ids = hf.encode_batch([text], add_special_tokens=False)[0].ids
         except TypeError as e:  # not a str, or a str with lone surrogates (not encodable as UTF-8)
             raise TokenizerError(f"cannot tokenize {type(text).__name__}: need text of valid Unicode") from e
-        if self.add_bos and self.bos_id is not None:
+        if self.add_bos and self.bos_id is not None and not (parse_special and ids[:1] == [self.bos_id]):
             ids.insert(0, self.bos_id)
         return ids
 
@@ -312,12 +337,27 @@ class Tokenizer:
                 if i in self._added_ids:
                     table.append(text.encode("utf-8"))  # special and user-defined tokens are literal text
                     continue
+                if self.model == "llama":  # SentencePiece: "▁" is a space, <0xXX> one byte
+                    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                        try:
+                            table.append(bytes([int(text[3:5], 16)]))
+                            continue
+                        except ValueError:
+                            pass
+                    table.append(text.replace(SPACE, " ").encode("utf-8"))
+                    continue
                 try:
                     table.append(text.translate(_TO_LATIN1).encode("latin-1"))
                 except UnicodeEncodeError:  # not byte-level text: the best reading is the literal text
                     table.append(text.encode("utf-8"))
             self._bytes = table
         return table
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a text of N bytes needs at least
+        N / max_token_bytes tokens, which bounds prompts by size before any work on them."""
+        return max(len(b) for b in self._byte_table())
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for (may be part of a UTF-8 character); specials give their text."""
@@ -363,7 +403,30 @@ class Tokenizer:
         return self._hf.token_to_id(token)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(pre={self.pre!r}, vocab_size={self._vocab_size}, eos_ids={sorted(self.eos_ids)})"
+        return (
+            f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self._vocab_size}, "
+            f"eos_ids={sorted(self.eos_ids)})"
+        )
+
+
+def _byte_level_bpe(where: str, vocab: dict[str, int], merges: list[str], pre: _PreTokenizer) -> HFTokenizer:
+    pairs: list[tuple[str, str]] = []
+    for n, merge in enumerate(merges):
+        left, sep, right = merge.partition(" ")
+        if not sep or not left or not right:
+            raise TokenizerError(f"{where}: merge #{n} {merge!r} is not two tokens separated by a space")
+        pairs.append((left, right))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges)
+    except Exception as e:  # e.g. a merge whose result is not in the vocabulary
+        raise TokenizerError(f"{where}: tokens and merges do not form a BPE vocabulary ({e})") from e
+    hf = HFTokenizer(bpe)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), "isolated") for p in pre.patterns]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    hf.decoder = decoders.ByteLevel()
+    return hf
 
 
 def _string_list(gguf: GGUFFile, key: str) -> list[str]:

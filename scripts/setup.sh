@@ -38,6 +38,12 @@ spec="."
 [[ -n "$extras" ]] && spec=".[${extras}]"
 note=""
 [[ ",$extras," == *",bench,"* ]] && note=" (the first time, llama-cpp-python compiles for about 7 minutes)"
+# llama.cpp's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp#20824) on the
+# Sapphire Rapids CPUs these machines have, for every quantized model: build the peer without them.
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if [[ ",$extras," == *",bench,"* && $(uname -m) == x86_64 && -z "${CMAKE_ARGS:-}" ]]; then
+  export CMAKE_ARGS="-DCMAKE_C_FLAGS=\"$no_amx\" -DCMAKE_CXX_FLAGS=\"$no_amx\""
+fi
 echo "setup: installing llmos${extras:+ with extras [$extras]} into .venv$note" >&2
 # pip's own chatter (build-backend notices) goes to a log, shown only if the install fails.
 log=.venv/pip-install.log
@@ -47,3 +53,17 @@ if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade 
   echo "setup: pip install failed (log above, also in $log)" >&2
   exit 1
 fi
+# pip may reuse a llama-cpp-python wheel it built earlier with AMX: check the one installed, rebuild once.
+if [[ ",$extras," == *",bench,"* && $(uname -m) == x86_64 ]] &&
+   .venv/bin/python -c 'import llama_cpp, sys; sys.exit("AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode())' 2>/dev/null; then
+  version=$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)')
+  echo "setup: rebuilding llama-cpp-python $version without AMX (about 7 minutes)" >&2
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps \
+       "llama-cpp-python==$version" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: rebuilding llama-cpp-python failed (log above, also in $log)" >&2
+    exit 1
+  fi
+fi
+# The native Q4_0 op (optional: prints one line and carries on when it cannot be built).
+scripts/build_native.sh || echo "setup: native Q4_0 op not built; llmos uses onnxruntime's MatMulNBits for Q4_0" >&2

@@ -21,7 +21,7 @@ from system_services.agent_run import AgentRun, parse_run_options
 from system_services.bus_driver import name_has_owner
 from system_services.caller import current_sender
 from system_services.dbus_errors import error, to_dbus_error
-from system_services.system_tools import SYSTEM_TOOL_NAMES
+from system_services.system_tools import SYSTEM_APP_ID, SYSTEM_TOOL_NAMES
 from system_services.task_object import TaskObject, task_path
 
 IFACE = "org.llmos.Agent1"
@@ -56,7 +56,7 @@ class AgentObject(ServiceInterface):
             raise error("InvalidArgument", f"{', '.join(reserved)}: the name of a built-in system tool")
         caller = await self.daemon.caller(sender)
         try:
-            names = self.daemon.tools.register(sender, caller.app_id, path, parsed)
+            names = self.daemon.tools.register(sender, caller.app_id, path, parsed, uid=caller.uid)
         except ToolManifestError as e:
             raise to_dbus_error(e) from None
         # it left while we asked who it is: nobody serves these
@@ -75,18 +75,21 @@ class AgentObject(ServiceInterface):
     async def ListTools(self) -> "s":
         """The tools a run started by the caller may use, as JSON: its own, other apps' shared ones, and
         the system tools its policy allows, each system tool with whether it is available now and, if
-        not, why (an absent service is reported, never faked)."""
+        not, why (an absent service is reported, never faked). Each is listed under the name a run
+        calls it by ("<app id>/<name>" for another app's shared tool), with the app that provides it."""
         sender = current_sender()
         caller = await self.daemon.caller(sender)
         listed = [
-            {**t.spec.model_dump(), "own": t.owner == sender} for t in self.daemon.tools.usable_by({sender})
+            {**t.spec.model_dump(), "name": t.name, "app": t.app_id, "own": t.owner == sender}
+            for t in self.daemon.tools.usable_by({sender}, caller.uid)
         ]
         allowed = self.daemon.allowed_system_tools(caller.app_id)
         why = await self.daemon.system_tools.availability(allowed)
         for spec in self.daemon.system_tools.specs():
             if spec.name in allowed:
                 listed.append(
-                    {**spec.model_dump(), "own": False, "system": True, "available": why[spec.name] is None}
+                    {**spec.model_dump(), "app": SYSTEM_APP_ID, "own": False, "system": True}
+                    | {"available": why[spec.name] is None}
                     | ({"unavailable": why[spec.name]} if why[spec.name] else {})
                 )
         return json.dumps(listed)
@@ -118,9 +121,13 @@ class AgentObject(ServiceInterface):
         self._starting.add(path)  # held across the awaits below: a second Run with this token waits out
         try:
             agent = self.daemon.agents.get(agent_name.value)
-            usable = await self.daemon.usable_tools({sender}, caller.app_id, settings.system_tools)
+            usable = await self.daemon.usable_tools(
+                {sender}, caller.app_id, caller.uid, settings.system_tools
+            )
             tools = agent.select_tools(usable)
-            run = AgentRun(self.daemon, agent, goal, tools, settings, app_id=caller.app_id, owner=sender)
+            run = AgentRun(
+                self.daemon, agent, goal, tools, settings, app_id=caller.app_id, uid=caller.uid, owner=sender
+            )
             TaskObject(self.daemon, path, run).start()
         except LlmosError as e:
             raise to_dbus_error(e) from None

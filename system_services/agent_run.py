@@ -16,9 +16,9 @@ from dbus_fast import Message, MessageType, Variant
 
 from agents.agent_loop import Step
 from agents.plugin import AgentContext, AgentPlugin, AgentPluginError
-from agents.structured_output import JSON_STYLE
-from agents.tool_format import InvalidStepError
+from agents.tool_format import STEP_JSON_STYLE, InvalidStepError, StepCutError
 from agents.tools import Tool, argument_problems
+from llmos import bounded_json
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason
 from llmos.tokenizer import Tokenizer
@@ -29,6 +29,12 @@ from system_services.system_tools import SYSTEM_OWNER, SYSTEM_TOOL_NAMES
 
 TOOL_TIMEOUT_S = 20.0
 APPROVE_TIMEOUT_S = 120.0
+# What an app's tool may answer: its result (JSON, or text) and the message of an error reply. The model
+# reads 4,000 characters of a result (tool_format.MAX_OBSERVATION_CHARS); the run's owner gets the whole
+# result in the Step signal, and a scheduled run keeps it, so it is bounded before it is even parsed.
+MAX_RESULT_CHARS = 1024 * 1024
+MAX_RESULT_DEPTH = bounded_json.MAX_DEPTH
+MAX_TOOL_ERROR_CHARS = 1000
 RESULT_OK, RESULT_CANCELLED, RESULT_FAILED = 0, 1, 2
 MAX_STEPS = 16
 RUN_KEYS = {"max_steps": "u", "tool_choice": "s", "approver": "o", "constrained": "b", "system_tools": "as"}
@@ -42,7 +48,7 @@ class RunOutcome:
     code: int
     steps: int = 0
     answer: str | None = None
-    cut: bool | None = None  # the answer ran out of tokens: it ends with " …"
+    cut: bool | None = None  # the answer ran out of tokens (it ends with " …"), or a call did (failed)
     error_name: str | None = None
     error_message: str | None = None
 
@@ -86,11 +92,52 @@ def plain_text(content: str, specials: list[str]) -> str:
     return content
 
 
+def plain_prompt(
+    messages: list[dict[str, str]], tools: list[dict[str, Any]] | None, specials: list[str]
+) -> tuple[list[dict[str, str]], list[dict[str, Any]] | None]:
+    """A generation's messages and template tools with every text that came from outside made plain:
+    the caller's goal and the tools' results, and also the system prompt and the tools the template
+    renders, which carry the descriptions and parameter schemas apps wrote (a shared tool's description
+    reaches other apps' runs). Only the model's own turns are left as they are."""
+    plain = [
+        m if m.get("role") == "assistant" else {**m, "content": plain_text(m["content"], specials)}
+        for m in messages
+    ]
+    return plain, None if tools is None else _plain_values(tools, specials)
+
+
+def _plain_values(value: Any, specials: list[str]) -> Any:
+    """Every string in a JSON value made plain (a tool's parameters nest at most 64 levels deep)."""
+    if isinstance(value, str):
+        return plain_text(value, specials)
+    if isinstance(value, dict):
+        return {plain_text(k, specials): _plain_values(v, specials) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_values(v, specials) for v in value]
+    return value
+
+
+def tool_result(answer: Any) -> Any:
+    """What an app's ToolProvider1.Call answered, as the observation the model reads: its JSON; text
+    that is not JSON as {"result": text}; over MAX_RESULT_CHARS or nested deeper than MAX_RESULT_DEPTH,
+    an {"error": ...} observation (the run goes on, as for a tool that failed)."""
+    text = answer if isinstance(answer, str) else str(answer)  # an app may reply with another signature
+    try:
+        return bounded_json.loads(
+            text, "the tool's result", max_chars=MAX_RESULT_CHARS, max_depth=MAX_RESULT_DEPTH
+        )
+    except bounded_json.JsonLimitError as e:
+        return {"error": str(e)}
+    except bounded_json.InvalidJsonError:
+        return {"result": text}  # not JSON: passed on as a string, marked as such
+
+
 def schema_grammar(schema: str) -> str:
-    """A JSON Schema as an llguidance grammar, in the compact JSON style of structured output."""
+    """A JSON Schema as an llguidance grammar, in the compact JSON style of every step (structured
+    output's, with the escapes a call's length bound counts on)."""
     parsed = json.loads(schema)
     if isinstance(parsed, dict):
-        parsed = {**parsed, "x-guidance": JSON_STYLE}
+        parsed = {**parsed, "x-guidance": STEP_JSON_STYLE}
     return f"start: %json {json.dumps(parsed)}"
 
 
@@ -151,10 +198,11 @@ class AgentRun:
         settings: RunSettings,
         *,
         app_id: str,
+        uid: int | None,  # the user running the app: its generations count against (app, user) quotas
         owner: str | None,  # the connection that started it; None for a scheduled run
     ) -> None:
         self.daemon, self.agent, self.goal, self.tools = daemon, agent, goal, tools
-        self.settings, self.app_id, self.owner = settings, app_id, owner
+        self.settings, self.app_id, self.uid, self.owner = settings, app_id, uid, owner
         self._job: Job | None = None  # the generation in flight, cancelled with the run
         self._specials = special_texts(daemon.model.tokenizer)  # markup text that must stay plain
 
@@ -173,6 +221,8 @@ class AgentRun:
             ),
             max_steps=s.max_steps,
             max_step_tokens=s.request.params.max_tokens,
+            # a step that may call a tool gets what its largest call needs, up to what any request may ask
+            max_call_tokens=self.daemon.config.limits.max_tokens,
             tool_choice=s.tool_choice,
             constrained=s.constrained,
             tool_format=self.daemon.tool_format,
@@ -191,7 +241,11 @@ class AgentRun:
                 if step.answer is not None:
                     return RunOutcome(RESULT_OK, steps, answer=step.answer, cut=step.cut or None)
             return RunOutcome.failed(steps, "org.llmos.Error.Failed", "the run ended without an answer")
-        except InvalidStepError as e:  # unconstrained (a measurement), or a call cut by max_tokens
+        except StepCutError as e:  # a call cut short: its step (named, never made) went out just before
+            return RunOutcome(
+                RESULT_FAILED, steps, cut=True, error_name="org.llmos.Error.Failed", error_message=str(e)
+            )
+        except InvalidStepError as e:  # unconstrained (a measurement), or no call fits
             return RunOutcome.failed(steps, "org.llmos.Error.Failed", str(e))
         except (asyncio.CancelledError, CancelledByDaemon) as e:
             why = str(e) or "cancelled"
@@ -212,29 +266,34 @@ class AgentRun:
         *,
         grammar: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        grammar_tokens: int | None = None,
         **sampling: Any,
     ) -> str:
         """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
-        tokens than the caller gave each step. With `tools`, the model's chat template renders them."""
+        tokens than the caller gave each step, except `grammar_tokens`: the most a bounded constraint
+        admits (a step that may call a tool: its largest call), up to what any request may ask for
+        ([limits] max_tokens), so the call always ends. With `tools`, the model's chat template renders
+        them."""
         d = self.daemon
-        prompt: Any = [
-            m
-            if m.get("role") in ("system", "assistant")
-            else {**m, "content": plain_text(m["content"], self._specials)}
-            for m in messages
-        ]
+        prompt: Any
+        prompt, tools = plain_prompt(messages, tools, self._specials)
         if tools is not None and d.model.chat_template is not None:  # rendered here: the tools go in
-            prompt = d.model.chat_template.render(prompt, tools=tools)
+            # a step is a call or the answer, constrained from its first token: a thinking model (Qwen3)
+            # is asked to answer directly, as its template offers, rather than open a <think> block
+            prompt = d.model.chat_template.render(prompt, tools=tools, enable_thinking=False)
         if schema is not None and grammar is None:
             # an agent's schema (a step's grows with every usable tool) is the daemon's own, so it is not
             # held to the size limit of callers' schemas: it goes in as a grammar of that schema
             grammar, schema = schema_grammar(schema), None
         request = replace(self.settings.request, grammar=grammar)
-        if sampling:
+        if sampling or grammar_tokens:
             merged = {**request.params.model_dump(), **sampling}
             merged["max_tokens"] = min(merged["max_tokens"], request.params.max_tokens)
+            if grammar_tokens:
+                most = min(grammar_tokens, d.config.limits.max_tokens)
+                merged["max_tokens"] = max(merged["max_tokens"], most)
             request = replace(request, params=SamplingParams.of(**merged))
-        job = d.job(prompt, replace(request, json_schema=schema), self.app_id)
+        job = d.job(prompt, replace(request, json_schema=schema), (self.app_id, self.uid))
         self._job = job
         try:
             if self.owner is None:
@@ -248,8 +307,9 @@ class AgentRun:
     async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,
         never the end of the run."""
-        if problems := argument_problems(tool.spec.parameters, arguments):  # never sent to the app
-            return {"error": f"invalid arguments for {tool.spec.name}: {'; '.join(problems)}"}
+        # against the strict form (closed, bounded), at every level: never sent to the app if invalid
+        if problems := argument_problems(tool.spec.strict_parameters, arguments):
+            return {"error": f"invalid arguments for {tool.name}: {'; '.join(problems)}"}
         if tool.spec.confirm and not await self._approved(tool, arguments):
             return {"error": "the user did not approve this call"}
         if tool.owner == SYSTEM_OWNER:
@@ -260,20 +320,19 @@ class AgentRun:
         except TimeoutError:
             return {"error": f"the tool did not answer within {TOOL_TIMEOUT_S:.0f} s"}
         if reply is None or reply.message_type == MessageType.ERROR:
-            why = reply.body[0] if reply is not None and reply.body else ""
+            why = str(reply.body[0]) if reply is not None and reply.body else ""
+            if (over := len(why) - MAX_TOOL_ERROR_CHARS) > 0:
+                why = f"{why[:MAX_TOOL_ERROR_CHARS]} [... {over} more characters cut]"
             name = reply.error_name if reply is not None else "no reply"
             return {"error": f"{name}: {why}".rstrip(": ")}
-        text = reply.body[0] if reply.body else ""
-        try:
-            return json.loads(text)
-        except (json.JSONDecodeError, TypeError):
-            return {"result": str(text)}  # not JSON: passed on as a string, marked as such
+        return tool_result(reply.body[0] if reply.body else "")
 
     async def _approved(self, tool: Tool, arguments: dict[str, Any]) -> bool:
         approver = self.settings.approver
         if not approver or self.owner is None:  # nobody to ask (a scheduled run): refused
             return False
-        call = ("org.llmos.ToolApprover1", "Approve", [tool.spec.name, json.dumps(arguments)])
+        # the name the run shows: whose tool it is, when it is another app's
+        call = ("org.llmos.ToolApprover1", "Approve", [tool.name, json.dumps(arguments)])
         try:
             reply = await self._call_app(self.owner, approver, *call, APPROVE_TIMEOUT_S)
         except TimeoutError:

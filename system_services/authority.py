@@ -16,6 +16,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from llmos.log_limit import LimitedLog
 from system_services.caller import Caller
 from system_services.dbus_errors import error
 
@@ -23,6 +24,7 @@ ACTION_MODEL_IMPORT = "org.llmos.model-import"
 ACTION_CONFIG_RELOAD = "org.llmos.config-reload"
 ALLOW_USER_INTERACTION = 1
 log = logging.getLogger("llmosd")
+_limited = LimitedLog(log)  # asked once per admin call, which any caller may send in a loop
 
 
 async def authorize(caller: Caller, action: str, *, daemon_bus_is_system: bool, bus: Any) -> None:
@@ -32,10 +34,11 @@ async def authorize(caller: Caller, action: str, *, daemon_bus_is_system: bool, 
     try:
         allowed = await _ask_polkit(caller, action, bus if daemon_bus_is_system else None)
     except Exception as e:
-        log.warning("polkit could not be asked about %s for uid %s: %s", action, caller.uid, e)
+        _limited.failed("polkit checks", f"{action} for uid {caller.uid}: {e}", level=logging.WARNING)
         raise error(
             "AccessDenied", f"{action} needs root or polkit authorization, and polkit is unavailable ({e})"
         ) from None
+    _limited.recovered("polkit checks")
     if not allowed:
         raise error("AccessDenied", f"not authorized for {action} (polkit said no)")
 

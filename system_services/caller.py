@@ -16,6 +16,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
+from llmos.arbiter.policy import Account
 from system_services.bus_driver import driver_call
 
 current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("llmos_call", default=None)
@@ -46,6 +47,11 @@ class Caller:
     uid: int | None
     pid: int | None
     app_id: str
+
+    @property
+    def account(self) -> Account:
+        """Whose quotas and fair share this caller's work counts against: its app, as this user."""
+        return (self.app_id, self.uid)
 
 
 def app_id_from_cgroup(cgroup: str) -> str | None:

@@ -368,6 +368,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         width = max(len(k) for k in st)
         for key in sorted(st):
             print(f"{key:<{width}}  {st[key]}")
+        for line in cli_service.budget_warnings(st):
+            print(line)
     return 0
 
 

@@ -196,7 +196,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
 def _tool_kind(tool: dict[str, Any]) -> str:
     if tool.get("system"):
         return "system"
-    return "yours" if tool.get("own") else "shared by an app"
+    return "yours" if tool.get("own") else f"shared by {tool.get('app') or 'an app'}"
 
 
 def _tool_state(tool: dict[str, Any]) -> str:
@@ -231,6 +231,10 @@ def cmd_tools(args: argparse.Namespace) -> int:
 def describe_step(step: dict[str, Any]) -> str:
     """A step as one readable line, e.g. `step 1: calls get_weather {"city": "Oslo"} → {"temp": 21}`."""
     n = step.get("step", "?")
+    if "partial" in step:  # a call cut short: never made
+        return f"step {n}: call of {step.get('tool') or 'a tool'} cut short, not made: " + one_line(
+            str(step["partial"]), STEP_CHARS
+        )
     if "tool" in step:
         args = one_line(_compact(step.get("arguments", {})), STEP_CHARS)
         seen = one_line(_compact(step.get("observation")), STEP_CHARS)
@@ -304,7 +308,7 @@ async def run_task(
     try:
         await _add_match(agent, OWNER_WATCH)
         opts = {**options, "handle_token": Variant("s", token)}
-        await agent.call(AGENT_PATH, AGENT_IFACE, "Run", "sa{sv}", [goal, opts])
+        reply = await agent.call_reply(AGENT_PATH, AGENT_IFACE, "Run", "sa{sv}", [goal, opts])
         started.set()
         while True:
             try:
@@ -318,6 +322,8 @@ async def run_task(
                     "org.freedesktop.DBus.Error.Disconnected", "llmosd went away during the run"
                 )
             assert isinstance(event, Message)
+            if event.sender != reply.sender:  # only llmosd's own signals: any connection may send one
+                continue
             if event.member == "Step":
                 on_step(json.loads(event.body[0]))
             elif event.member == "Result":

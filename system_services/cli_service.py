@@ -84,6 +84,15 @@ def human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def budget_warnings(st: dict[str, Any]) -> list[str]:
+    """A line when the KV budget cannot be met because swap writes fail (the daemon logs why once, then
+    only counts, so this is where it stays visible); none otherwise, or from a daemon without the keys."""
+    over = st.get("kv_over_budget_bytes", 0)
+    if not over:
+        return []
+    return [f"KV over budget by {human_size(over)}: swap writes failing ({st.get('swap_failures', 0)})"]
+
+
 def stats_line(stats: dict[str, Any]) -> str:
     return (
         f"[prompt {stats.get('tokens_in', 0)} tokens, completion {stats.get('tokens_out', 0)} tokens, "

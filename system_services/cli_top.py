@@ -92,8 +92,10 @@ def render(st: dict[str, Any]) -> list[str]:
         f"KV memory: {human_size(st['kv_bytes'])} resident / {human_size(st['kv_budget_bytes'])} budget, "
         f"{human_size(st['kv_swapped_bytes'])} swapped; prefix cache {human_size(st['prefix_cache_bytes'])}, "
         f"{st['prefix_hits']} hits",
-        f"swaps: {st['swap_outs']} out, {st['swap_restores']} restored, {st['swap_recomputes']} recomputed; "
-        f"model loads: {st['model_loads']}",
+        f"swaps: {st['swap_outs']} out, {st['swap_restores']} restored, {st['swap_recomputes']} recomputed"
+        + (f", {st['swap_failures']} failed" if st.get("swap_failures") else "")
+        + f"; model loads: {st['model_loads']}",
+        *cli_service.budget_warnings(st),
         "",
     ]
     table = [COLUMNS, *app_rows(apps)]

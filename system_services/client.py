@@ -10,6 +10,10 @@
 Errors from the service arrive as `ServiceError` with the D-Bus error name (org.llmos.Error.*) and its
 message. Streaming follows the service's request pattern: the client picks the handle token, subscribes
 to its request path, then calls PromptStream, so no chunk can be missed.
+
+Signals are taken only from llmosd itself: the unique name that answered the call that started the
+stream (the owner of org.llmos.LLM1). The bus lets any connection send a signal to any other, and a
+request's path can be guessed, so without this check another local user could feed an app forged text.
 """
 
 from __future__ import annotations
@@ -106,6 +110,12 @@ class AsyncLLMClient:
     async def call(
         self, path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None
     ) -> Any:
+        return (await self.call_reply(path, iface, member, sig, body)).body
+
+    async def call_reply(
+        self, path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None
+    ) -> Message:
+        """The whole reply: its `sender` is llmosd's unique name, the only sender whose signals count."""
         msg = Message(
             destination=BUS_NAME, path=path, interface=iface, member=member, signature=sig, body=body or []
         )
@@ -115,7 +125,7 @@ class AsyncLLMClient:
             raise ServiceError("org.freedesktop.DBus.Error.Disconnected", f"lost the bus: {e}") from None
         if reply.message_type == MessageType.ERROR:
             raise ServiceError(reply.error_name or "unknown", reply.body[0] if reply.body else "")
-        return reply.body
+        return reply
 
     async def status(self) -> dict[str, Any]:
         (st,) = await self.call(PATH, LLM_IFACE, "GetStatus")
@@ -153,16 +163,16 @@ class AsyncSession:
         bus = self.client.bus
         token = f"c{next(_tokens)}_{secrets.token_hex(4)}"
         path = f"/org/llmos/LLM1/request/{bus.unique_name.lstrip(':').replace('.', '_')}/{token}"
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Message] = asyncio.Queue()
 
         def on_message(msg: Message) -> None:
             if msg.message_type == MessageType.SIGNAL and msg.path == path and msg.interface == REQUEST_IFACE:
-                queue.put_nowait((msg.member, msg.body))
+                queue.put_nowait(msg)
             return None
 
         bus.add_message_handler(on_message)  # before the call: no chunk can slip by
         try:
-            await self.client.call(
+            reply = await self.client.call_reply(
                 self.path,
                 SESSION_IFACE,
                 "PromptStream",
@@ -170,7 +180,10 @@ class AsyncSession:
                 [text, to_options({**options, "handle_token": token})],
             )
             while True:
-                member, body = await queue.get()
+                msg = await queue.get()
+                if msg.sender != reply.sender:  # not from llmosd: forged by another connection
+                    continue
+                member, body = msg.member, msg.body
                 if member == "Chunk":
                     yield body[0]
                 elif member == "Response":

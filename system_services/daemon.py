@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -31,12 +32,15 @@ from agents.catalog import AgentCatalog
 from agents.tool_format import tool_format_for
 from agents.tools import Tool, ToolRegistry
 from llmos.arbiter.arbiter import Arbiter
-from llmos.arbiter.policy import AppPolicy, Priority
+from llmos.arbiter.policy import Account, AppPolicy, Priority
 from llmos.arbiter.pressure import PressureMonitor
 from llmos.arbiter.swap_store import SwapStore
 from llmos.chat_template import ChatTemplate
-from llmos.engine.llm_engine import LLMEngine, Prompt
+from llmos.engine.llm_engine import LLMEngine, Prompt, encode_prompt
+from llmos.engine.memory import release_free_heap
 from llmos.errors import LlmosError
+from llmos.input_bounds import InputBounds
+from llmos.log_limit import LimitedLog
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
 from llmos.paths import SYSTEM_MODEL_DIR, state_dir
@@ -46,7 +50,7 @@ from system_services.agent_object import AgentObject
 from system_services.bus_driver import driver_call
 from system_services.caller import Caller, identify, install_caller_tracking
 from system_services.config import ConfigError, DaemonConfig
-from system_services.dbus_errors import error
+from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.llm_object import PATH, LLMObject
 from system_services.notify import sd_notify, watchdog_interval
@@ -59,6 +63,7 @@ from system_services.session_object import SessionObject
 from system_services.system_tools import SYSTEM_TOOL_NAMES, SystemTools
 
 BUS_NAME = "org.llmos.LLM1"
+TRIM_AFTER_BYTES = 1 << 20  # texts this big are rare; the heap is trimmed after them
 log = logging.getLogger("llmosd")
 
 
@@ -105,7 +110,9 @@ class Daemon:
     ) -> None:
         self.config, self.arbiter, self.model, self.bus = config, arbiter, model, bus
         self.config_path, self.store_root, self.on_system_bus = config_path, store_root, on_system_bus
-        self.worker = EngineWorker(arbiter, asyncio.get_running_loop())
+        self.worker = EngineWorker(arbiter, asyncio.get_running_loop(), encode=self.encode_prompt)
+        # what any text from a caller or a tool may be, checked before any work on it
+        self.bounds = InputBounds(model.context_length, model.tokenizer.max_token_bytes)
         self.ownership = Ownership()
         self.sessions: dict[str, SessionObject] = {}
         self.tools = ToolRegistry()  # tools apps provide, by provider connection
@@ -115,6 +122,7 @@ class Daemon:
         self.scheduled: ScheduledAgents | None = None  # set once the state directory is known
         self.stopping = False
         self._callers: dict[str, Caller] = {}  # unique name -> identity, while it is on the bus
+        self._trim_pending = False
         self._started = time.monotonic()
 
     @property
@@ -155,24 +163,70 @@ class Daemon:
             raise SystemToolDeniedError(f"the policy for {app_id} does not allow {', '.join(denied)}")
 
     async def usable_tools(
-        self, runners: set[str], app_id: str, system: list[str] | None = None
+        self, runners: set[str], app_id: str, uid: int | None, system: list[str] | None = None
     ) -> list[Tool]:
-        """What a run may call: the runners' own tools, other apps' shared ones, then the system tools
-        its app's policy allows (narrowed to `system` if given) that are available now."""
-        tools = self.tools.usable_by(runners)
-        names = {t.spec.name for t in tools}
+        """What a run of user `uid`'s app may call: the runners' own tools, the same user's other
+        connections' shared ones, then the system tools its app's policy allows (narrowed to `system`
+        if given) that are available now."""
+        tools = self.tools.usable_by(runners, uid)
+        names = {t.name for t in tools}
         wanted = [n for n in self.allowed_system_tools(app_id) if system is None or n in system]
-        return tools + [t for t in await self.system_tools.usable(wanted) if t.spec.name not in names]
+        return tools + [t for t in await self.system_tools.usable(wanted) if t.name not in names]
 
     def priority(self, app_id: str, requested: str) -> Priority:
         """The class a request runs at: what it asks for, capped by its app's policy."""
         return min(Priority.parse(requested), self.policy(app_id).priority_cap)
 
-    def job(self, prompt: Prompt, opts: RequestOptions, app_id: str, session_key: str | None = None) -> Job:
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt with the served model's tokenizer and template (loaded or not)."""
+        return encode_prompt(self.model.tokenizer, self.model.chat_template, prompt)
+
+    def check_text(self, text: str, what: str) -> int:
+        """`text`'s size if it may fit the context, else org.llmos.Error.ContextOverflow (InvalidArgument
+        over the hard cap) naming the limit: before any work proportional to its size."""
+        self.trim_after(len(text))
+        try:
+            return self.bounds.check_text(text, what)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+
+    def trim_after(self, size: int) -> None:
+        """A big message leaves memory behind: its text, held by reference cycles (an error's traceback
+        holds the frame that holds the text) until Python's cycle collector happens to run, and freed
+        heap that glibc keeps in RSS. Collect and give it back once the call is answered, at most once
+        a second (a collection takes ~20 ms on the event loop)."""
+        if size < TRIM_AFTER_BYTES or self._trim_pending:
+            return
+        self._trim_pending = True
+
+        def trim() -> None:
+            self._trim_pending = False
+            gc.collect()
+            release_free_heap()
+
+        asyncio.get_running_loop().call_later(1.0, trim)
+
+    def job(
+        self, prompt: Prompt, opts: RequestOptions, account: Account, session_key: str | None = None
+    ) -> Job:
+        """A request for the worker, its prompt bounded by size first (a named error if it cannot fit)."""
+        try:
+            if isinstance(prompt, str):
+                self.trim_after(len(prompt))
+                size = self.bounds.check_text(prompt, "the prompt")
+            elif all(isinstance(m, dict) for m in prompt):
+                size = self.bounds.check_messages(prompt)  # type: ignore[arg-type]
+            else:  # token ids: the daemon's own
+                size = 0
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
+        app_id, uid = account
         return Job(
+            prompt_bytes=size,
             prompt=prompt,
             params=opts.params,
             app_id=app_id,
+            uid=uid,
             priority=self.priority(app_id, opts.priority),
             policy=self.policy(app_id),
             session_key=session_key,
@@ -180,14 +234,20 @@ class Daemon:
             grammar=opts.grammar,
         )
 
-    def check_session_quota(self, owner: str, app_id: str | None = None) -> None:
+    def check_session_quota(self, owner: str, account: Account | None = None) -> None:
+        """Sessions per connection, and per account: an app's limit counts that user's sessions only
+        (another user running the same app has a limit of their own)."""
         limit = self.config.limits.sessions_per_connection
         if self.ownership.count(owner, SessionObject) >= limit:
             raise error("QuotaExceeded", f"this connection already has {limit} sessions; close one first")
-        if app_id is not None:
+        if account is not None:
+            app_id, uid = account
             most = self.policy(app_id).max_sessions
-            if sum(1 for s in self.sessions.values() if s.app_id == app_id) >= most:
-                raise error("QuotaExceeded", f"{app_id} already has {most} sessions open; close one first")
+            if sum(1 for s in self.sessions.values() if s.account == account) >= most:
+                raise error(
+                    "QuotaExceeded",
+                    f"{app_id} already has {most} sessions open for uid {uid}; close one first",
+                )
 
     def add_session(self, session: SessionObject) -> None:
         self.bus.export(session.path, session)
@@ -384,7 +444,8 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
 
 def start_periodic_jobs(daemon: Daemon) -> AsyncIOScheduler:
     """Residency and memory pressure, as apscheduler jobs on the event loop; the work itself runs on
-    the arbiter's thread between steps."""
+    the arbiter's thread between steps. The memory check also retries swap writes that failed, so KV
+    left over the budget by a full disk goes out once space is freed, even with no request coming."""
     cfg = daemon.config.arbiter
     jobs = AsyncIOScheduler()
     if cfg.idle_unload_s > 0:
@@ -405,11 +466,23 @@ def start_periodic_jobs(daemon: Daemon) -> AsyncIOScheduler:
     if not monitor.available and cfg.memory_pressure_pct > 0:
         log.warning("no memory pressure information (no /proc/pressure/memory, no cgroup memory.events)")
 
+    limited = LimitedLog(log)
+
     async def relieve_pressure() -> None:
-        if monitor.check():
-            n = await daemon.worker.call(daemon.arbiter.swap_out_idle)
-            if n:
-                log.info("memory pressure (%s): %d idle session KV cache(s) swapped to disk", monitor.last, n)
+        try:
+            if monitor.check():
+                n = await daemon.worker.call(daemon.arbiter.swap_out_idle)
+                if n:
+                    log.info(
+                        "memory pressure (%s): %d idle session KV cache(s) swapped to disk", monitor.last, n
+                    )
+            elif daemon.worker.snapshot().get("kv_over_budget_bytes"):
+                # swap writes failed and no request has ended since: space may have been freed meanwhile
+                await daemon.worker.call(daemon.arbiter.retry_swap_out)
+        except Exception as e:  # apscheduler would log a traceback at every check
+            limited.failed("memory checks", e, exc_info=True)
+        else:
+            limited.recovered("memory checks")
 
     jobs.add_job(relieve_pressure, "interval", seconds=cfg.pressure_check_s)
     jobs.start()

@@ -23,6 +23,8 @@ from llmos.engine.llm_engine import Prompt
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason, Usage
 from llmos.errors import LlmosError
+from llmos.log_limit import LimitedLog
+from system_services.prompt_encoder import INLINE_BYTES, PromptEncoder
 
 log = logging.getLogger("llmosd.worker")
 T = TypeVar("T")
@@ -50,11 +52,14 @@ class Job:
     prompt: Prompt
     params: SamplingParams
     app_id: str = "unknown"
+    uid: int | None = None  # with app_id, the account its quotas and fair share count against
     priority: Priority = Priority.NORMAL
     policy: AppPolicy = field(default_factory=AppPolicy)
     session_key: str | None = None
     json_schema: str | None = None  # constrain the answer to JSON valid against this schema
     grammar: str | None = None  # or to this llguidance grammar (agent steps in a model's own format)
+    prompt_bytes: int = 0  # its text's size (llmos.input_bounds): a long prompt is tokenized off-thread
+    prompt_ids: list[int] | None = None  # set once a long prompt is tokenized
     on_delta: Callable[[str], None] | None = None  # called on the event loop
     future: asyncio.Future[JobResult] | None = None  # set by submit()
     request: Request | None = field(default=None, repr=False)
@@ -62,15 +67,23 @@ class Job:
 
 
 class EngineWorker:
-    def __init__(self, arbiter: Arbiter, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        arbiter: Arbiter,
+        loop: asyncio.AbstractEventLoop,
+        encode: Callable[[Prompt], list[int]] | None = None,
+    ) -> None:
         self.arbiter = arbiter
         self.loop = loop
+        self._encode = encode  # tokenizes a long prompt without the engine (see prompt_encoder.py)
+        self.tokenizing = PromptEncoder()
         self._lock = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._jobs: dict[int, Job] = {}  # request id -> job, touched on the worker thread only
         self._pending = 0  # jobs submitted and not yet ended (read by status on the event loop)
         self._stopping = False
         self._structured: StructuredOutput | None = None  # built on the first json_schema request
+        self._log = LimitedLog(log)  # each of these can fail once per request or per step
         self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
         self._thread.start()
 
@@ -83,9 +96,30 @@ class EngineWorker:
                 return job.future
             self._pending += 1
             job.future.add_done_callback(self._ended)
+            if self._encode is None or job.prompt_bytes <= INLINE_BYTES:
+                self._inbox.append(lambda: self._start(job))
+                self._lock.notify()
+                return job.future
+        self.loop.create_task(self._tokenize_then_start(job))
+        return job.future
+
+    async def _tokenize_then_start(self, job: Job) -> None:
+        """A long prompt: tokenized on a thread first, so the engine's thread keeps generating for others."""
+        assert self._encode is not None and job.future is not None
+        encode = self._encode
+        try:
+            job.prompt_ids = await self.tokenizing.run(lambda: encode(job.prompt))
+        except Exception as e:  # a named error (the template refused it, ...) or not: the caller hears
+            if not isinstance(e, LlmosError):
+                self._log.failed("tokenizing prompts", e, "The caller got the error", exc_info=True)
+            _set_exception(job.future, e)
+            return
+        with self._lock:
+            if self._stopping:
+                _set_exception(job.future, CancelledByDaemon("the daemon is stopping"))
+                return
             self._inbox.append(lambda: self._start(job))
             self._lock.notify()
-        return job.future
 
     def _ended(self, _fut: asyncio.Future[JobResult]) -> None:
         with self._lock:
@@ -148,8 +182,10 @@ class EngineWorker:
             for cmd in inbox:
                 try:
                     cmd()
-                except Exception:  # a command's failure is reported by it; the thread carries on
-                    log.exception("a worker command failed")
+                except Exception as e:  # a command's failure is reported by it; the thread carries on
+                    self._log.failed("worker commands", e, exc_info=True)
+                else:
+                    self._log.recovered("worker commands")
             if inbox:
                 self.arbiter.publish()
             if stopping and not self.arbiter.has_work:
@@ -158,9 +194,11 @@ class EngineWorker:
                 try:
                     self.arbiter.step()
                 except Exception as e:  # e.g. the model fails to reload: fail what waits, keep serving
-                    log.error("the arbiter could not step: %s", e)
+                    self._log.failed("arbiter steps", e, "Every request waiting got this error")
                     for job in list(self._jobs.values()):
                         self._fail(job, e)
+                else:
+                    self._log.recovered("arbiter steps")
 
     def _start(self, job: Job) -> None:
         if job.cancelled is not None:
@@ -171,11 +209,13 @@ class EngineWorker:
             job.prompt,
             job.params,
             app_id=job.app_id,
+            uid=job.uid,
             priority=job.priority,
             session_key=job.session_key,
             max_context=p.max_context,
             tokens_per_minute=p.tokens_per_minute,
             max_queued=p.max_queued,
+            prompt_ids=job.prompt_ids,
             on_done=lambda r: self._done(job, r),
         )
         if job.on_delta is not None:
@@ -191,9 +231,10 @@ class EngineWorker:
         except Exception as e:  # named errors as they are; anything else (a reload failing on an OSError,
             # MemoryError, ...) must still answer the caller, never leave it waiting
             if not isinstance(e, LlmosError):
-                log.exception("could not queue a request")
+                self._log.failed("queueing requests", e, "The caller got the error", exc_info=True)
             self._deliver_error(job, e)
             return
+        self._log.recovered("queueing requests")
         self._jobs[req.request_id] = job
 
     def _structured_output(self) -> StructuredOutput:

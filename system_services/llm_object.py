@@ -29,7 +29,6 @@ IFACE = "org.llmos.LLM1"
 PATH = "/org/llmos/LLM1"
 VERSION = 1
 GENERATE_OPTIONS = frozenset({*SAMPLING, "priority", "system_prompt", "json_schema"})
-MAX_COUNT_CHARS = 1 << 20
 INLINE_COUNT_CHARS = 4096
 # GetStatus keys copied from the arbiter's snapshot (which uses the same names), with their D-Bus types
 ARBITER_FIGURES = {
@@ -43,6 +42,8 @@ ARBITER_FIGURES = {
     "swap_outs": "u",
     "swap_restores": "u",
     "swap_recomputes": "u",
+    "swap_failures": "u",
+    "kv_over_budget_bytes": "t",
     "model_loads": "u",
 }
 APP_FIGURES = {
@@ -93,11 +94,13 @@ class LLMObject(ServiceInterface):
             max_tokens_limit=limits.max_tokens,
             allowed=SESSION_OPTIONS,
         )
+        if opts.system_prompt:
+            self.daemon.check_text(opts.system_prompt, "the system prompt")
         self.daemon.check_session_quota(sender)
         caller = await self.daemon.caller(sender)
-        self.daemon.check_session_quota(sender, caller.app_id)  # again: others may have made sessions
+        self.daemon.check_session_quota(sender, caller.account)  # again: others may have made sessions
         messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
-        session = SessionObject(self.daemon, sender, messages, app_id=caller.app_id)
+        session = SessionObject(self.daemon, sender, messages, caller.account)
         self.daemon.add_session(session)
         log.info("%s: session for %s (uid %s, pid %s)", session.path, caller.app_id, caller.uid, caller.pid)
         return session.path
@@ -112,12 +115,13 @@ class LLMObject(ServiceInterface):
             max_tokens_limit=limits.max_tokens,
             allowed=GENERATE_OPTIONS,
         )
+        self.daemon.check_text(prompt, "the prompt")  # before anything proportional to its size
         if not prompt.strip():
             raise error("InvalidArgument", "the prompt is empty")
         messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
         sender = current_sender()
         caller = await self.daemon.caller(sender)
-        job = self.daemon.job([*messages, {"role": "user", "content": prompt}], opts, caller.app_id)
+        job = self.daemon.job([*messages, {"role": "user", "content": prompt}], opts, caller.account)
         try:
             result = await self.daemon.run_for_caller(job, sender)
         except Exception as e:
@@ -126,14 +130,17 @@ class LLMObject(ServiceInterface):
 
     @method()
     async def CountTokens(self, text: "s") -> "u":
-        """Tokens `text` takes as plain text (special-token text is not parsed)."""
-        if len(text) > MAX_COUNT_CHARS:
-            raise error("InvalidArgument", f"text over {MAX_COUNT_CHARS} characters")
+        """Tokens `text` takes as plain text (special-token text is not parsed). Texts up to the most a
+        prompt can be (see ContextLength and docs/dbus-api.md); a longer one cannot fit and is refused
+        by its size, with org.llmos.Error.ContextOverflow, without being tokenized."""
+        self.daemon.check_text(text, "the text")
         tokenizer = self.daemon.model.tokenizer
         if len(text) <= INLINE_COUNT_CHARS:  # microseconds: a thread hand-off would double the round trip
             return len(tokenizer.encode(text, parse_special=False))
-        # long texts off the event loop: a megabyte takes about a second to tokenize
-        return len(await asyncio.to_thread(tokenizer.encode, text, parse_special=False))
+        # long texts off the event loop, a few at a time: ~0.7 s per MiB
+        return len(
+            await self.daemon.worker.tokenizing.run(lambda: tokenizer.encode(text, parse_special=False))
+        )
 
     # -- admin methods: root or polkit (packaging/polkit/org.llmos.policy) --------------------------------
     @method()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import Variant
 
+from agents.structured_output import InvalidSchemaError, parse_schema
 from llmos.engine.sampling import SamplingParams
 from llmos.errors import InvalidSamplingError
 from system_services.dbus_errors import error
@@ -76,11 +76,11 @@ def parse_options(
     except InvalidSamplingError as e:
         raise error("InvalidArgument", str(e)) from None
     schema = values.get("json_schema")
-    if schema is not None:
+    if schema is not None:  # compiled later, on the model's own tokenizer: here, only parsed (bounded)
         try:
-            json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise error("InvalidArgument", f"json_schema is not JSON: {e}") from None
+            parse_schema(schema)
+        except InvalidSchemaError as e:
+            raise error("InvalidArgument", str(e)) from None
     return RequestOptions(params, values.get("system_prompt"), values.get("handle_token"), priority, schema)
 
 

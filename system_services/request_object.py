@@ -16,6 +16,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from llmos.engine.sequence import Usage
+from llmos.log_limit import LimitedLog
 from system_services.dbus_errors import to_dbus_error
 from system_services.engine_worker import CancelledByDaemon, EngineWorker, Job, JobResult
 from system_services.ownership import Ownership
@@ -24,6 +25,7 @@ IFACE = "org.llmos.Request1"
 VERSION = 1
 RESPONSE_OK, RESPONSE_CANCELLED, RESPONSE_FAILED = 0, 1, 2
 log = logging.getLogger("llmosd")
+_limited = LimitedLog(log)  # a send can fail for every chunk of every stream
 
 
 def request_path(sender: str, token: str) -> str:
@@ -180,4 +182,4 @@ def send_unicast(
 
 def _log_send_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        log.warning("could not send a signal: %s", fut.exception())
+        _limited.failed("signal sends", fut.exception(), level=logging.WARNING)

@@ -287,13 +287,15 @@ class ScheduledAgents:
             settings = parse_run_options(variants, d.config.limits, scheduled=True)
             settings.request = replace(settings.request, priority="background")
             tools = agent.select_tools(
-                await d.usable_tools(connections, row["app_id"], settings.system_tools)
+                await d.usable_tools(connections, row["app_id"], row["uid"], settings.system_tools)
             )
         except Exception as e:  # the agent uninstalled, a tool gone, the limits lowered since: said
             err = to_dbus_error(e)
             outcome = RunOutcome.failed(0, err.type, err.text)
         else:
-            run = AgentRun(d, agent, row["input"], tools, settings, app_id=row["app_id"], owner=None)
+            run = AgentRun(
+                d, agent, row["input"], tools, settings, app_id=row["app_id"], uid=row["uid"], owner=None
+            )
             outcome = await run.execute(lambda step: steps.append(kept_step(step)))
         if self.book.get(job_id) is None:
             return  # cancelled while it ran: nothing to keep

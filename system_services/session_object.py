@@ -11,6 +11,7 @@ from typing import Any
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from llmos.arbiter.policy import Account
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
 from system_services.options import SAMPLING, RequestOptions, parse_options
@@ -27,12 +28,14 @@ STREAM_OPTIONS = PROMPT_OPTIONS | {"handle_token"}
 
 class SessionObject(ServiceInterface):
     def __init__(
-        self, daemon: Any, owner: str, messages: list[dict[str, str]], app_id: str = "unknown"
+        self, daemon: Any, owner: str, messages: list[dict[str, str]], account: Account = ("unknown", None)
     ) -> None:
         super().__init__(IFACE)
         self.daemon = daemon
         self.owner = owner
-        self.app_id = app_id  # from the caller's credentials (see caller.py); for status and policy
+        # (app id, uid) from the caller's credentials (see caller.py): policy, quotas, status
+        self.account = account
+        self.app_id = account[0]
         self.path = f"/org/llmos/LLM1/session/{next(_numbers)}"
         self.messages = messages
         self.tokens_used = 0
@@ -117,8 +120,8 @@ class SessionObject(ServiceInterface):
     def Clone(self) -> "o":
         """A new session of the same owner with a copy of this conversation."""
         sender = Ownership.check(self)
-        self.daemon.check_session_quota(sender, self.app_id)
-        twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages], app_id=self.app_id)
+        self.daemon.check_session_quota(sender, self.account)
+        twin = SessionObject(self.daemon, sender, [dict(m) for m in self.messages], self.account)
         twin.tokens_used = self.tokens_used
         self.daemon.add_session(twin)
         self.worker.clone_session(self.path, twin.path)
@@ -145,7 +148,7 @@ class SessionObject(ServiceInterface):
         # The whole conversation is the prompt; the arbiter reuses the KV parked under this session's
         # path for the part it shares with the previous turn, so only the new turn is computed.
         prompt = [*self.messages, {"role": "user", "content": text}]
-        return self.daemon.job(prompt, opts, self.app_id, session_key=self.path)
+        return self.daemon.job(prompt, opts, self.account, session_key=self.path)
 
     def _request_ended(self, req: RequestObject) -> None:
 

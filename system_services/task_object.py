@@ -13,6 +13,7 @@ from typing import Any
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
+from llmos.log_limit import LimitedLog
 from system_services.agent_run import AgentRun
 from system_services.ownership import Ownership
 from system_services.request_object import send_unicast
@@ -20,6 +21,7 @@ from system_services.request_object import send_unicast
 IFACE = "org.llmos.Task1"
 VERSION = 1
 log = logging.getLogger("llmosd")
+_limited = LimitedLog(log)  # one per run, and a caller can start runs in a loop
 
 
 def task_path(sender: str, token: str) -> str:
@@ -65,8 +67,8 @@ class TaskObject(ServiceInterface):
         try:
             outcome = await self.run.execute(lambda step: self._unicast("Step", "s", [step.to_json()]))
             self._unicast("Result", "ua{sv}", [outcome.code, outcome.variants()])
-        except Exception:  # the Result could not be sent: logged; the object goes all the same
-            log.exception("task %s could not send its result", self.path)
+        except Exception as e:  # the Result could not be sent: logged; the object goes all the same
+            _limited.failed("agent task results", f"{self.path}: {e}", exc_info=True)
         finally:
             self._teardown()
 

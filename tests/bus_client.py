@@ -331,11 +331,18 @@ async def structured(bus: MessageBus, cases_file: str, parallel: str = "8") -> N
 
 
 class ToolProvider(ServiceInterface):
-    """org.llmos.ToolProvider1 for `agent-run`: answers each tool with a canned JSON result."""
+    """org.llmos.ToolProvider1 for `agent-run`: answers each tool with a canned JSON result, or with a
+    canned text as it is (`raw`: what no json.dumps would write, e.g. JSON nested 100,000 deep)."""
 
-    def __init__(self, results: dict[str, Any], calls: list[dict[str, Any]], die: bool) -> None:
+    def __init__(
+        self,
+        results: dict[str, Any],
+        calls: list[dict[str, Any]],
+        die: bool,
+        raw: dict[str, str] | None = None,
+    ) -> None:
         super().__init__("org.llmos.ToolProvider1")
-        self.results, self.calls, self.die = results, calls, die
+        self.results, self.calls, self.die, self.raw = results, calls, die, raw or {}
 
     @method()
     def Call(self, tool: "s", arguments: "s") -> "s":  # noqa: F821
@@ -343,6 +350,8 @@ class ToolProvider(ServiceInterface):
         if self.die:  # the app crashes in the middle of a call
             say({"dying": True, "calls": self.calls})
             os._exit(3)
+        if tool in self.raw:
+            return self.raw[tool]
         return json.dumps(self.results.get(tool, {"ok": True}))
 
 
@@ -358,7 +367,10 @@ class ToolApprover(ServiceInterface):
 
 
 async def register_provider(bus: MessageBus, setup: dict[str, Any], calls: list[dict[str, Any]]) -> list[str]:
-    bus.export("/app/tools", ToolProvider(setup.get("results", {}), calls, setup.get("die", False)))
+    provider = ToolProvider(
+        setup.get("results", {}), calls, setup.get("die", False), setup.get("raw_results")
+    )
+    bus.export("/app/tools", provider)
     manifest = ["/app/tools", json.dumps(setup["manifest"])]
     (names,) = await call(
         bus, "/org/llmos/Agent1", "org.llmos.Agent1", "RegisterToolProvider", "os", manifest
@@ -368,8 +380,8 @@ async def register_provider(bus: MessageBus, setup: dict[str, Any], calls: list[
 
 async def agent_run(bus: MessageBus, setup_file: str) -> None:
     """Register a provider (manifest, canned results), optionally an approver, run a goal, and report
-    every Step, the Result and the calls the provider received. setup: {"manifest", "results", "goal",
-    "options", "approve": bool|null, "die": bool, "register": bool}"""
+    every Step, the Result and the calls the provider received. setup: {"manifest", "results",
+    "raw_results", "goal", "options", "approve": bool|null, "die": bool, "register": bool}"""
     with open(setup_file, encoding="utf-8") as f:
         setup = json.load(f)
     calls: list[dict[str, Any]] = []
@@ -410,6 +422,37 @@ async def agent_run(bus: MessageBus, setup_file: str) -> None:
     )
 
 
+async def agent_runs(bus: MessageBus, setup_file: str) -> None:
+    """Register a provider once, then run each {"goal", "options"} of setup["runs"] in turn; report each
+    run's Steps and Result, and every call the provider received. setup: {"manifest", "results", "runs"}"""
+    with open(setup_file, encoding="utf-8") as f:
+        setup = json.load(f)
+    calls: list[dict[str, Any]] = []
+    await register_provider(bus, setup, calls)
+    prefix = f"/org/llmos/Agent1/task/{bus.unique_name.lstrip(':').replace('.', '_')}/"
+    events: dict[str, list[Any]] = {}
+    done: dict[str, asyncio.Future[Any]] = {}
+
+    def on_signal(m: Message) -> None:
+        if m.message_type == MessageType.SIGNAL and m.path in events:
+            if m.member == "Step":
+                events[m.path].append(json.loads(m.body[0]))
+            elif m.member == "Result" and not done[m.path].done():
+                done[m.path].set_result([m.body[0], plain(m.body[1])])
+
+    bus.add_message_handler(on_signal)
+    runs = []
+    for i, run in enumerate(setup["runs"]):
+        token = f"r{i}"
+        events[prefix + token] = []
+        done[prefix + token] = asyncio.get_running_loop().create_future()
+        opts = variants({**run.get("options", {}), "handle_token": token})
+        await call(bus, *AGENT, "Run", "sa{sv}", [run["goal"], opts])
+        code, result = await asyncio.wait_for(done[prefix + token], 300)
+        runs.append({"steps": events.pop(prefix + token), "code": code, "result": result})
+    say({"runs": runs, "calls": calls})
+
+
 async def provide(bus: MessageBus, setup_file: str) -> None:
     """Register a tool provider, say ready, serve calls until stdin closes, then report the calls."""
     with open(setup_file, encoding="utf-8") as f:
@@ -425,9 +468,13 @@ async def list_tools(bus: MessageBus) -> None:
     say({"tools": json.loads(listed)})
 
 
-async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None:
+async def agent_eval(
+    bus: MessageBus, cases_file: str, constrained: str, max_tokens: str = "400", options: str = "{}"
+) -> None:
     """For each case {"tools": [...], "request": ...}: register exactly its tools, Run with the first step
-    a required tool call, and record that step, the result and per-step wall times."""
+    a required tool call, and record that step, the result and per-step wall times. `options` (JSON) go
+    into every Run; with a temperature, case i is sampled with seed i."""
+    extra = json.loads(options)
     with open(cases_file, encoding="utf-8") as f:
         cases = json.load(f)
     calls: list[dict[str, Any]] = []
@@ -449,7 +496,16 @@ async def agent_eval(bus: MessageBus, cases_file: str, constrained: str) -> None
         )
         token = f"e{i}"
         events[prefix + token] = []
-        opts = variants({"handle_token": token, "max_steps": 2, "tool_choice": "required", "max_tokens": 400})
+        opts = variants(
+            {
+                "handle_token": token,
+                "max_steps": 2,
+                "tool_choice": "required",
+                "max_tokens": int(max_tokens),
+                **extra,
+                **({"seed": i} if "temperature" in extra else {}),
+            }
+        )
         opts["constrained"] = Variant("b", constrained == "1")
         t0 = time.monotonic()
         await call(bus, *agent, "Run", "sa{sv}", [case["request"], opts])
@@ -524,6 +580,7 @@ COMMANDS = {
     "provide": provide,
     "list-tools": list_tools,
     "agent-run": agent_run,
+    "agent-runs": agent_runs,
     "structured": structured,
     "on-go": on_go,
     "latencies": latencies,

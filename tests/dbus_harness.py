@@ -32,12 +32,16 @@ SESSION_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bu
 
 
 class PrivateBus:
-    """dbus-daemon on a socket in a temporary directory; its first stdout line means it listens."""
+    """dbus-daemon on a socket in a temporary directory; its first stdout line means it listens.
+    `rules`: more policy rules for everyone (e.g. one the stock system bus policy has)."""
 
-    def __init__(self, tmp: Path, *, allow_own: bool = True) -> None:
+    def __init__(self, tmp: Path, *, allow_own: bool = True, rules: str = "") -> None:
         socket = tmp / "bus.socket"
         config = tmp / "bus.conf"
-        config.write_text(SESSION_BUS_CONFIG.format(socket=socket, own="allow" if allow_own else "deny"))
+        text = SESSION_BUS_CONFIG.format(socket=socket, own="allow" if allow_own else "deny")
+        if rules:
+            text = text.replace("  </policy>", f"    {rules}\n  </policy>")
+        config.write_text(text)
         self.proc = subprocess.Popen(
             ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
             stdout=subprocess.PIPE,

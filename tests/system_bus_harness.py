@@ -11,6 +11,7 @@ the system python3 with the venv's site-packages and the repository on PYTHONPAT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -22,11 +23,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dbus_fast
+import pytest
 from test_packaging import ACTIVATION, BUS_POLICY, PACKAGING, SYSUSERS, system_like_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -415,3 +418,121 @@ def proc_ids(pid: int) -> dict[str, list[int]]:
     with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f if line.startswith(("Uid:", "Gid:", "Groups:")))
     return {k: [int(x) for x in v.split()] for k, v in fields.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole rig: the users, the bus, a tiny model's store, llmosd as llmos
+# ---------------------------------------------------------------------------------------------------------
+APP_B = "llmos-test-b"
+
+
+@dataclass
+class Users:
+    llmos: User
+    a: User  # nobody
+    b: User  # another unprivileged uid
+
+
+@dataclass
+class Rig:
+    users: Users
+    bus: SystemLikeBus
+    daemon: Llmosd
+    python: str
+    env: dict[str, str]
+    probe: Path
+    world: Path
+
+    @property
+    def address(self) -> str:
+        return self.bus.address
+
+    def app(self, user: User, *args: str) -> App:
+        """bus_client.py (the apps of tests/test_service.py) as `user`."""
+        return App(user, [self.python, str(BUS_CLIENT), self.address, *args], self.env)
+
+    def prober(self, user: User, *args: str) -> App:
+        return App(user, [self.python, str(self.probe), self.address, *args], self.env)
+
+    def script(self, user: User, script: Path, *args: str) -> App:
+        """Another test client script (it must be readable by `user`), as `user`."""
+        return App(user, [self.python, str(script), self.address, *args], self.env)
+
+    def calls(self, user: User, *calls: tuple[str, str, str, str, str, list[Any]]) -> list[dict[str, Any]]:
+        r = run(
+            user.argv([self.python, str(self.probe), self.address, "calls", json.dumps(calls)]),
+            env=self.env,
+            cwd="/",
+        )
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    def status(self) -> dict[str, Any]:
+        with self.app(self.users.a, "status") as app:
+            out = app.out.json(timeout=60)
+            app.close()
+        return out
+
+    def stream(self, token: str, max_tokens: int) -> App:
+        """App A's PromptStream (bus_client.py stream); its first line is {"started": request path}."""
+        opts = json.dumps({"max_tokens": max_tokens, "ignore_eos": True})
+        return self.app(self.users.a, "stream", token, opts)
+
+
+@contextlib.contextmanager
+def system_users() -> Iterator[Users]:
+    """llmos (the service user), nobody (app A) and a throwaway uid (app B); skips the test without root."""
+    if os.geteuid() != 0:
+        pytest.skip("running llmosd and apps as other users (setpriv) and creating those users needs root")
+    for name in ("dbus-daemon", "setpriv", "systemd-sysusers", "useradd", "userdel"):
+        if shutil.which(name) is None:
+            pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
+    llmos = ensure_llmos_user()  # left in place afterwards, as tests/test_packaging.py does
+    b, created = ensure_system_user(APP_B)
+    try:
+        yield Users(llmos=llmos, a=User.named("nobody"), b=b)
+    finally:
+        if created:
+            remove_system_user(b)
+
+
+@contextlib.contextmanager
+def llmosd_on_system_bus(users: Users, config: str = "") -> Iterator[Rig]:
+    """llmosd as llmos on a system-like bus, serving a tiny model from a root-owned store, with
+    `config` as its llmosd.toml (default: all defaults, whatever /etc/llmos holds on this machine)."""
+    from llmos.model_store import ModelStore
+    from llmos.tiny_model import write_random_gguf
+
+    world = world_readable_dir("llmos-system-bus-")
+    try:
+        gguf = write_random_gguf(world / "tiny.gguf", weight_type="Q4_1", context_length=1024, seed=5)
+        ModelStore(world / "store").import_gguf(gguf, name="tiny", make_default=True)
+        (world / "llmosd.toml").write_text(config)
+        (world / "probe.py").write_text(PROBE)
+        open_up(world)  # owned by root: llmos may read the store, not write it
+        state = world / "state"  # what StateDirectory=llmos gives the service: its own, private
+        state.mkdir(mode=0o700)
+        os.chown(state, users.llmos.uid, users.llmos.gid)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/",
+            "STATE_DIRECTORY": str(state),
+            # For the system python3 fallback: the venv's packages and the repository (llmosd's code).
+            "PYTHONPATH": f"{Path(dbus_fast.__file__).parent.parent}{os.pathsep}{REPO}",
+        }
+        python, tried = python_for(
+            {users.llmos: DAEMON_MODULES, users.a: ("dbus_fast",), users.b: ("dbus_fast",)}, env
+        )
+        if python is None:
+            pytest.skip(f"no Python interpreter that llmos, nobody and {APP_B} can all run: {tried}")
+        bus = SystemLikeBus(world)
+        try:
+            daemon = Llmosd(users.llmos, python, bus.address, world / "store", world / "llmosd.toml", env)
+            try:
+                yield Rig(users, bus, daemon, python, env, world / "probe.py", world)
+            finally:
+                assert daemon.stop() == 0, daemon.log.all[-20:]
+        finally:
+            bus.stop()
+    finally:
+        shutil.rmtree(world, ignore_errors=True)

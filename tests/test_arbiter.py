@@ -7,6 +7,7 @@ Then policy: classes, fair share, quotas.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,7 @@ def test_two_flooding_apps_share_tokens_evenly(model_dir: Path, tmp_path: Path) 
     for _ in range(400):
         top_up()
         arb.step()
-    tokens = {app: arb.usage[app].tokens for app in ("a", "b")}
+    tokens = {app: arb.usage[(app, None)].tokens for app in ("a", "b")}
     assert abs(tokens["a"] - tokens["b"]) / max(tokens.values()) < 0.2, tokens
 
 
@@ -209,3 +210,34 @@ def test_a_long_prompt_never_holds_generating_apps_for_more_than_one_chunk(
             run = 0
     assert max(gaps) <= 1, gaps  # at most one prefill chunk between two of the talker's tokens
     assert long.seq is not None and len(long.seq.prompt_ids) > 64
+
+
+class _BrokenConstraint:
+    """A constraint whose grammar engine fails: the step that samples for it raises."""
+
+    complete = False
+
+    def mask(self, logits: object) -> None:
+        raise RuntimeError("grammar engine crashed")
+
+    def advance(self, token: int) -> None:
+        pass
+
+
+def test_a_step_that_fails_for_every_request_is_logged_once(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmos")
+    arb = _arbiter(model_dir, tmp_path)
+    for _ in range(30):  # what a caller repeating a failing request looks like to the arbiter
+        req = Request("hello", GREEDY, app_id="a")
+        req.constraint = _BrokenConstraint()
+        arb.submit(req)
+        while arb.step():
+            pass
+        assert isinstance(req.error, RuntimeError)  # its caller gets the error
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].startswith("prefill steps failed: grammar engine crashed"), errors
+    _run(arb, Request("hello", GREEDY, app_id="a"))  # the next good request: one line says so
+    recovered = [r.getMessage() for r in caplog.records if "work again" in r.getMessage()]
+    assert len(recovered) == 1 and "prefill steps work again after 30 failures" in recovered[0], recovered

@@ -60,7 +60,10 @@ PROMPT_TOKENS = 470  # the first turn's prompt; with its answer (up to 64 tokens
 FIRST = SamplingParams(max_tokens=64)
 SECOND = SamplingParams(max_tokens=64, ignore_eos=True)
 TIE_MARGIN = 0.5  # logits; see the module docstring
-MIN_COSINE = 0.98
+# The greedy tokens stay identical; the int4 graph's logits drift more than the exact graph's, by CPU:
+# >= 0.98 on AVX2/AVX-512 machines, 0.9737 at worst on an AMX one (Sapphire Rapids), where onnxruntime's
+# int8-activation MatMulNBits kernel rounds differently. Any real damage to the KV is far below this.
+MIN_COSINE = 0.97
 
 
 @dataclass(frozen=True)
@@ -309,7 +312,7 @@ def _kept_and_swapped(
     ids, kv = list(parked.ids), parked.kv.copy()
     assert arb.swap_out_idle() == 1  # int8, to a swap file; nothing of it stays in memory
     assert parked.kv is None and arb.snapshot()["kv_swapped_bytes"] > 0
-    arb.kv.park("kept", "app", ids, kv)  # the same session's KV, never swapped
+    arb.kv.park("kept", ("app", None), ids, kv)  # the same session's KV, never swapped
     messages += [
         {"role": "assistant", "content": first.seq.detok.text},
         {"role": "user", "content": conv.followup},

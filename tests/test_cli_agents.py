@@ -165,18 +165,19 @@ def test_run_shows_a_tool_call_with_its_arguments_and_result(
 ) -> None:
     setup = tmp / "weather.json"
     setup.write_text(json.dumps({"manifest": {"tools": [WEATHER]}, "results": {"get_weather": SUNNY}}))
-    provider = start_client(bus.address, "provide", str(setup))  # another app, sharing its tool
+    # another app, sharing its tool: runs of other apps see it under that app's name
+    provider = start_client(bus.address, "provide", str(setup), app=app_python(tmp, "org.example.Weather"))
     try:
         assert read_json(provider)["registered"] == ["get_weather"]
         listed = llmosctl(bus, "tools")
-        row = next(row for row in table(listed.stdout) if row[0] == "get_weather")
-        assert row[1:3] == ["shared by an app", "available"], listed.stdout
+        row = next(row for row in table(listed.stdout) if row[0] == "org.example.Weather/get_weather")
+        assert row[1:3] == ["shared by org.example.Weather", "available"], listed.stdout
         r = llmosctl(
             bus, "run", "--tool-choice", "required", "--max-steps", "2", "What is the weather in Oslo?"
         )
         assert r.returncode == 0, r.stderr
         first, last = r.stderr.splitlines()
-        assert first.startswith('step 1: calls get_weather {"city": '), first
+        assert first.startswith('step 1: calls org.example.Weather/get_weather {"city": '), first
         assert first.endswith(f"→ {json.dumps(SUNNY)}"), first
         assert last == "step 2: answers" and r.stdout.strip()
     finally:
@@ -308,6 +309,9 @@ def test_steps_and_triggers_read_well() -> None:
     assert describe_step(call) == 'step 1: calls get_weather {"city": "Oslo"} → {"temp": 21}'
     assert describe_step({"step": 2, "text": "part one\nsaid \x1b[2Jthis"}) == "step 2: part one said [2Jthis"
     assert describe_step({"step": 3, "answer": "It is sunny."}) == "step 3: answers"
+    partial = '{"tool": "send_message", "arguments": {"to": "B'
+    cut = {"step": 1, "tool": "send_message", "partial": partial, "cut": True}
+    assert describe_step(cut) == f"step 1: call of send_message cut short, not made: {partial}"
     assert one_line("x" * 50, 10) == "x" * 9 + "…"
     assert describe_trigger({"interval": 90}) == "every 90 s"
     assert (

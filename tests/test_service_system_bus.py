@@ -21,93 +21,26 @@ otherwise.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dbus_fast
 import pytest
 from dbus_harness import client, wait_until
 from system_bus_harness import (
-    BUS_CLIENT,
-    DAEMON_MODULES,
     NAME,
-    PROBE,
-    REPO,
-    App,
-    Llmosd,
-    SystemLikeBus,
+    Rig,
     User,
-    ensure_llmos_user,
-    ensure_system_user,
-    open_up,
+    Users,
+    llmosd_on_system_bus,
     proc_ids,
-    python_for,
-    remove_system_user,
-    run,
-    world_readable_dir,
+    system_users,
 )
-
-from llmos.model_store import ModelStore
-from llmos.tiny_model import write_random_gguf
 
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus")
 PROPS = "org.freedesktop.DBus.Properties"
 BUS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 LLMOS_DENIED = "org.llmos.Error.AccessDenied"
-APP_B = "llmos-test-b"
-
-
-@dataclass
-class Users:
-    llmos: User
-    a: User  # nobody
-    b: User  # another unprivileged uid
-
-
-@dataclass
-class Rig:
-    users: Users
-    bus: SystemLikeBus
-    daemon: Llmosd
-    python: str
-    env: dict[str, str]
-    probe: Path
-
-    @property
-    def address(self) -> str:
-        return self.bus.address
-
-    def app(self, user: User, *args: str) -> App:
-        """bus_client.py (the apps of tests/test_service.py) as `user`."""
-        return App(user, [self.python, str(BUS_CLIENT), self.address, *args], self.env)
-
-    def prober(self, user: User, *args: str) -> App:
-        return App(user, [self.python, str(self.probe), self.address, *args], self.env)
-
-    def calls(self, user: User, *calls: tuple[str, str, str, str, str, list[Any]]) -> list[dict[str, Any]]:
-        r = run(
-            user.argv([self.python, str(self.probe), self.address, "calls", json.dumps(calls)]),
-            env=self.env,
-            cwd="/",
-        )
-        assert r.returncode == 0, r.stderr
-        return [json.loads(line) for line in r.stdout.splitlines()]
-
-    def status(self) -> dict[str, Any]:
-        with self.app(self.users.a, "status") as app:
-            out = app.out.json(timeout=60)
-            app.close()
-        return out
-
-    def stream(self, token: str, max_tokens: int) -> App:
-        """App A's PromptStream (bus_client.py stream); its first line is {"started": request path}."""
-        opts = json.dumps({"max_tokens": max_tokens, "ignore_eos": True})
-        return self.app(self.users.a, "stream", token, opts)
 
 
 def unique_of(request_path: str) -> str:
@@ -132,55 +65,14 @@ def assert_complete(out: dict[str, Any], token: str, max_tokens: int) -> None:
 
 @pytest.fixture(scope="module")
 def users() -> Iterator[Users]:
-    if os.geteuid() != 0:
-        pytest.skip("running llmosd and apps as other users (setpriv) and creating those users needs root")
-    for name in ("dbus-daemon", "setpriv", "systemd-sysusers", "useradd", "userdel"):
-        if shutil.which(name) is None:
-            pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
-    llmos = ensure_llmos_user()  # left in place afterwards, as tests/test_packaging.py does
-    b, created = ensure_system_user(APP_B)
-    try:
-        yield Users(llmos=llmos, a=User.named("nobody"), b=b)
-    finally:
-        if created:
-            remove_system_user(b)
+    with system_users() as u:
+        yield u
 
 
 @pytest.fixture(scope="module")
 def rig(users: Users) -> Iterator[Rig]:
-    world = world_readable_dir("llmos-system-bus-")
-    try:
-        gguf = write_random_gguf(world / "tiny.gguf", weight_type="Q4_1", context_length=1024, seed=5)
-        ModelStore(world / "store").import_gguf(gguf, name="tiny", make_default=True)
-        (world / "llmosd.toml").write_text("")  # all defaults, whatever /etc/llmos holds on this machine
-        (world / "probe.py").write_text(PROBE)
-        open_up(world)  # owned by root: llmos may read the store, not write it
-        state = world / "state"  # what StateDirectory=llmos gives the service: its own, private
-        state.mkdir(mode=0o700)
-        os.chown(state, users.llmos.uid, users.llmos.gid)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": "/",
-            "STATE_DIRECTORY": str(state),
-            # For the system python3 fallback: the venv's packages and the repository (llmosd's code).
-            "PYTHONPATH": f"{Path(dbus_fast.__file__).parent.parent}{os.pathsep}{REPO}",
-        }
-        python, tried = python_for(
-            {users.llmos: DAEMON_MODULES, users.a: ("dbus_fast",), users.b: ("dbus_fast",)}, env
-        )
-        if python is None:
-            pytest.skip(f"no Python interpreter that llmos, nobody and {APP_B} can all run: {tried}")
-        bus = SystemLikeBus(world)
-        try:
-            daemon = Llmosd(users.llmos, python, bus.address, world / "store", world / "llmosd.toml", env)
-            try:
-                yield Rig(users, bus, daemon, python, env, world / "probe.py")
-            finally:
-                assert daemon.stop() == 0, daemon.log.all[-20:]
-        finally:
-            bus.stop()
-    finally:
-        shutil.rmtree(world, ignore_errors=True)
+    with llmosd_on_system_bus(users) as r:
+        yield r
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,6 +99,18 @@ def test_llmosd_runs_as_llmos_and_owns_the_name(rig: Rig) -> None:
     log = rig.bus.stderr.read_text()
     assert "Encountered error" not in log, log  # the packaged policy loaded without a complaint
     assert not any("Traceback" in line for line in rig.daemon.log.all), rig.daemon.log.all
+
+
+def test_peer_ping_and_get_machine_id_answer_any_user_on_the_system_bus(rig: Rig) -> None:
+    """dbus-fast would ask the bus driver for the machine id, which the stock system.conf lets nobody
+    do: every caller got AccessDenied describing llmosd's own connection. llmosd reads the file."""
+    peer = "org.freedesktop.DBus.Peer"
+    calls = [
+        (NAME, path, peer, m, "", []) for path in ("/org/llmos/LLM1", "/") for m in ("Ping", "GetMachineId")
+    ]
+    machine_id = Path("/etc/machine-id").read_text().strip()
+    for user in (rig.users.a, rig.users.b):
+        assert rig.calls(user, *calls) == [{"body": []}, {"body": [machine_id]}] * 2
 
 
 def test_an_app_streams_its_answer_over_the_system_bus(rig: Rig) -> None:

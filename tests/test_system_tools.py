@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
-from dbus_harness import SESSION_BUS_CONFIG, PrivateBus
+from dbus_harness import SESSION_BUS_CONFIG, PrivateBus, wait_until
 
 from system_services.system_tools import (
     NO_USER_SESSION,
@@ -360,6 +360,8 @@ def test_notification_arrives_with_the_app_id(
             ]
 
     assert asyncio.run(go()) == [{"sent": True, "id": 1}, {"sent": True, "id": 2}]
+    # the fake prints what it received as it answers: under load its lines can trail the replies
+    wait_until(lambda: len(fake.collect()) >= 2, 10)
     assert fake.collect() == [
         {
             "app_name": APP,
@@ -502,6 +504,7 @@ def test_invalid_arguments_are_refused_and_nothing_is_sent(
             assert await tools.call("send_notification", ok, app_id=APP) == {"sent": True, "id": 1}
 
     asyncio.run(go())
+    wait_until(lambda: len(fake.collect()) >= 1, 10)
     [only] = fake.collect()
     assert (only["summary"], only["body"]) == ("s" * 200, "b" * 1000)
 
@@ -522,6 +525,7 @@ def test_silent_notification_service_times_out(
         "error": "the notification service (org.freedesktop.Notifications) did not answer within 0.5 s"
     }
     assert 0.4 <= took < 2.0
+    wait_until(lambda: len(fake.collect()) >= 1, 10)
     assert [n["summary"] for n in fake.collect()] == ["anyone?"]  # it arrived; the server hung
 
 

@@ -305,8 +305,8 @@ def test_eos_ids_include_end_of_turn_tokens(tmp_path: Path) -> None:
     ("changes", "error", "match"),
     [
         ({"model": None}, TokenizerError, "tokenizer.ggml.model"),
-        ({"model": "llama"}, UnsupportedModelError, "'llama' is not supported"),
-        ({"model": "bert"}, UnsupportedModelError, "only byte-level BPE"),
+        ({"model": "llama"}, TokenizerError, "one score per token"),  # SentencePiece needs scores
+        ({"model": "bert"}, UnsupportedModelError, "'bert' is not supported"),
         ({"pre": "no-such-pre"}, UnsupportedModelError, "'no-such-pre' is not supported"),
         ({"pre": None}, TokenizerError, "tokenizer.ggml.pre is missing"),
         ({"tokens": None}, TokenizerError, "tokenizer.ggml.tokens is missing"),

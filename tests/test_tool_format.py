@@ -147,3 +147,52 @@ def test_a_step_cut_by_the_token_limit_keeps_an_answer_and_refuses_a_half_call()
     assert JSON_STEPS.cut_answer('{"tool": "get_weather", "argum') is None
     assert HERMES.cut_answer("It is sunny in Os") == "It is sunny in Os"
     assert HERMES.cut_answer('<tool_call>\n{"name": "get_wea') is None
+
+
+def test_a_call_cut_by_a_lowered_cap_reaches_the_app_as_a_named_step_not_a_call(tmp_path: Path) -> None:
+    """With [limits] max_tokens at 112, a call of a tool with two open strings cannot have 200 characters
+    each: its caps are lowered to fit, here down to the strings' minLength, so every call reaches one and
+    may have been cut short by it. None is made: the app gets a Step naming the tool with the text so far,
+    `cut`, and a failed Result saying so."""
+    gguf = write_random_gguf(
+        tmp_path / "hermes.gguf",
+        weight_type="Q4_1",
+        context_length=1024,
+        seed=3,
+        chat_template=HERMES_TEMPLATE,
+    )
+    store = tmp_path / "store"
+    ModelStore(store).import_gguf(gguf, name="hermes-tiny", make_default=True)
+    bus = PrivateBus(tmp_path)
+    config = tmp_path / "llmosd.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n[limits]\nmax_tokens = 112\n[apps.default]\nsystem_tools = []\n'
+    )
+    daemon = Daemon(bus.address, store, "--config", str(config), "--threads", "2")
+    three = {"type": "string", "minLength": 3}
+    send = {
+        "name": "send_message",
+        "description": "Send a text message.",
+        "parameters": {
+            "type": "object",
+            "properties": {"to": three, "text": three},
+            "required": ["to", "text"],
+        },
+    }
+    try:
+        options = {"tool_choice": "required", "max_steps": 2, "temperature": 1.0, "max_tokens": 64}
+        runs = [{"goal": "Text Anna hello.", "options": {**options, "seed": seed}} for seed in range(6)]
+        setup = tmp_path / "setup.json"
+        setup.write_text(json.dumps({"manifest": {"tools": [send]}, "runs": runs}))
+        out = client(bus.address, "agent-runs", str(setup), timeout=300)
+    finally:
+        daemon.stop_cleanly()
+        bus.stop()
+    assert out["calls"] == []
+    for r in out["runs"]:
+        assert r["code"] == 2, r
+        (step,) = r["steps"]
+        assert step["cut"] is True and step["tool"] == "send_message"
+        assert step["partial"].startswith("<tool_call>")
+        assert "observation" not in step
+        assert r["result"]["cut"] is True and "call of send_message" in r["result"]["error_message"]

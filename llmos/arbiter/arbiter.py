@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmos.arbiter.kv_manager import KVManager
-from llmos.arbiter.policy import ArbiterConfig
+from llmos.arbiter.policy import Account, ArbiterConfig
 from llmos.arbiter.prefix_cache import PrefixCache
 from llmos.arbiter.request import Request
 from llmos.arbiter.scheduler import Scheduler
@@ -31,6 +31,7 @@ from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.memory import release_free_heap
 from llmos.engine.sequence import FinishReason
 from llmos.errors import ContextOverflowError, QuotaExceededError
+from llmos.log_limit import LimitedLog
 
 log = logging.getLogger("llmos.arbiter")
 WINDOW_S = 60.0
@@ -72,7 +73,7 @@ class Arbiter:
         self.scheduler = Scheduler(config.quantum_tokens)
         self.kv = KVManager(config.kv_budget_mib << 20, swap)
         self.prefix = PrefixCache(config.prefix_cache_entries)
-        self.usage: dict[str, AppUsage] = defaultdict(AppUsage)
+        self.usage: dict[Account, AppUsage] = defaultdict(AppUsage)
         self.last_active = time.monotonic()
         self.loads = 0
         self.device = ""  # the execution provider in use (kept while unloaded: the one used last)
@@ -80,6 +81,7 @@ class Arbiter:
         self._snapshot: dict[str, Any] = {}
         self._published_at = 0.0
         self._changed = False  # requests admitted or ended since the last snapshot
+        self.log = LimitedLog(log)  # a step that fails for every request must not log every time
 
     # -- residency ----------------------------------------------------------------------------------------
     def load(self) -> LLMEngine:
@@ -124,23 +126,25 @@ class Arbiter:
     # -- requests -----------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         """Queue a request; raises a named error (bad prompt, context, quota) without queueing it."""
-        queued = sum(1 for r in self.scheduler.queued() if r.app_id == req.app_id)
+        queued = sum(1 for r in self.scheduler.queued() if r.account == req.account)
         if req.max_queued and queued >= req.max_queued:
-            raise QuotaExceededError(f"{req.app_id} already has {queued} requests waiting", retry_after_s=1.0)
+            raise QuotaExceededError(f"{req.who} already has {queued} requests waiting", retry_after_s=1.0)
         if req.tokens_per_minute:
-            used, frees_in = self.tokens_last_minute(req.app_id)
+            used, frees_in = self.tokens_last_minute(req.account)
             if used >= req.tokens_per_minute:
                 raise QuotaExceededError(
-                    f"{req.app_id} used {used} of its {req.tokens_per_minute} tokens per minute",
+                    f"{req.who} used {used} of its {req.tokens_per_minute} tokens per minute",
                     retry_after_s=max(frees_in, 0.1),
                 )
         engine = self.load()
         try:
-            req.seq = engine.new_sequence(req.prompt, req.params, max_len=req.max_context or None)
+            req.seq = engine.new_sequence(
+                req.prompt, req.params, max_len=req.max_context or None, prompt_ids=req.prompt_ids
+            )
         except ContextOverflowError as e:
             if req.max_context and req.max_context < engine.context_length and e.limit == req.max_context:
                 raise QuotaExceededError(
-                    f"{req.app_id} may use {req.max_context} tokens of context per sequence and this "
+                    f"{req.who} may use {req.max_context} tokens of context per sequence and this "
                     f"prompt needs {e.needed}"
                 ) from None
             raise
@@ -167,7 +171,7 @@ class Arbiter:
         entry = self.kv.parked.get(src)
         if entry is None or entry.kv is None:
             return False
-        self.kv.park(dst, entry.app_id, entry.ids, entry.kv.copy())
+        self.kv.park(dst, entry.account, entry.ids, entry.kv.copy())
         self._enforce_budget()
         return True
 
@@ -203,10 +207,15 @@ class Arbiter:
                     self._charge(req, 1)
                     self._deliver(req, delta)
         except Exception as e:  # a failing run fails the requests in it, never the arbiter
-            log.error("a %s step failed: %s", kind, e)
+            self.log.failed(
+                f"{kind} steps", e, "Its requests got this error; the daemon goes on serving others"
+            )
             for req in batch:
                 req.error = e
                 self._finish(req)
+        else:
+            if kind in ("prefill", "decode"):
+                self.log.recovered(f"{kind} steps")
         self.last_active = time.monotonic()
         # not after every token: a snapshot walks every app and parked session. Promptly when requests
         # come or go (what status readers wait for), else a few times a second for the token counts.
@@ -254,7 +263,7 @@ class Arbiter:
         seq = req.seq
         assert seq is not None and seq.cache is not None
         key = f"preempted-{req.request_id}"
-        self.kv.park(key, req.app_id, seq.kv_ids(), seq.cache.export(), swappable=False)
+        self.kv.park(key, req.account, seq.kv_ids(), seq.cache.export(), swappable=False)
         seq.cache.free()
         seq.cache = None
         self.scheduler.preempt(req)
@@ -279,8 +288,8 @@ class Arbiter:
             self.prefix.add(prefix, seq.cache.export(len(prefix)))
 
     def _charge(self, req: Request, tokens: int) -> None:
-        self.scheduler.charge(req.app_id, tokens)
-        self.usage[req.app_id].add(tokens, time.monotonic())
+        self.scheduler.charge(req.account, tokens)
+        self.usage[req.account].add(tokens, time.monotonic())
 
     def _deliver(self, req: Request, delta: str) -> None:
         if delta and req.on_delta is not None:
@@ -298,7 +307,7 @@ class Arbiter:
                 self.kv.drop(f"preempted-{req.request_id}")
             if seq.cache is not None:
                 if req.session_key and req.error is None and seq.cache.length:
-                    self.kv.park(req.session_key, req.app_id, seq.kv_ids(), seq.cache.export())
+                    self.kv.park(req.session_key, req.account, seq.kv_ids(), seq.cache.export())
                 seq.cache.free()
                 seq.cache = None
         if req.on_done is not None:  # the owner first: compressing and writing KV can take 50 ms
@@ -320,6 +329,23 @@ class Arbiter:
             other -= pool.trim_free()
         while self.kv.resident_bytes() + other > self.kv.budget_bytes and self.prefix.entries:
             other -= self.prefix.evict_one()
+
+    def over_budget_bytes(self) -> int:
+        """How far KV memory is over the budget because parked KV could not be written to disk (0 while
+        swap writes work: running requests may exceed the budget by design, which is not counted)."""
+        stuck = self.kv.stuck_bytes()
+        if not stuck:
+            return 0
+        warm = self.engine.pool.warm_free_bytes() if self.engine is not None else 0
+        total = self.active_kv_bytes() + self.kv.resident_bytes() + self.prefix.nbytes() + warm
+        return min(max(0, total - self.kv.budget_bytes), stuck)
+
+    def retry_swap_out(self) -> int:
+        """Swap writes failed: try the budget again (space may have been freed) without waiting for a
+        request to end; returns the bytes still over the budget."""
+        self._enforce_budget()
+        self.publish()
+        return int(self._snapshot["kv_over_budget_bytes"])
 
     def swap_out_idle(self) -> int:
         """Memory pressure: every parked session goes to disk, free slots give their pages back and
@@ -351,9 +377,9 @@ class Arbiter:
         for app, (mem, disk) in parked.items():
             apps[app]["kv_resident_bytes"] += mem
             apps[app]["kv_swapped_bytes"] += disk
-        for app, use in self.usage.items():
-            apps[app]["tokens"] = use.tokens
-            apps[app]["tokens_last_minute"] = use.last_minute(now)
+        for (app, _uid), use in self.usage.items():  # shown per app id, all its users together
+            apps[app]["tokens"] += use.tokens
+            apps[app]["tokens_last_minute"] += use.last_minute(now)
         self._snapshot = {
             "state": self.state,
             "apps": {k: dict(v) for k, v in apps.items()},
@@ -365,15 +391,17 @@ class Arbiter:
             "swap_outs": self.kv.swapped_out,
             "swap_restores": self.kv.restored_from_disk,
             "swap_recomputes": self.kv.recomputed,
+            "swap_failures": self.kv.swap_failures,
+            "kv_over_budget_bytes": self.over_budget_bytes(),
             "prefix_hits": self.prefix.hits,
             "model_loads": self.loads,
             "device": self.device,
             "device_failures": list(self.device_failures),
         }
 
-    def tokens_last_minute(self, app_id: str) -> tuple[int, float]:
+    def tokens_last_minute(self, account: Account) -> tuple[int, float]:
         """(tokens in the last minute, seconds until the oldest of them leaves the window)."""
-        use = self.usage.get(app_id)
+        use = self.usage.get(account)
         if use is None:
             return 0, 0.0
         now = time.monotonic()

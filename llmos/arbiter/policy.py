@@ -11,6 +11,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Whose work a request is: (app id, uid). An app id alone is not per user (two users' copies of one app
+# share it), so quotas and fair shares count per account, and one user cannot exhaust another's.
+Account = tuple[str, int | None]
+
 
 class Priority(IntEnum):
     """Scheduling classes; a higher value is served first."""

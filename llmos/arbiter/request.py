@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmos.arbiter.policy import Priority
+from llmos.arbiter.policy import Account, Priority
 from llmos.engine.constraint import TokenConstraint
 from llmos.engine.llm_engine import Prompt
 from llmos.engine.sampling import SamplingParams
@@ -26,6 +26,7 @@ class Request:
     prompt: Prompt
     params: SamplingParams
     app_id: str = "unknown"
+    uid: int | None = None  # the user running the app: quotas and fair shares count per (app, user)
     priority: Priority = Priority.NORMAL
     session_key: str | None = None  # KV of this conversation is parked under this key between turns
     max_context: int = 0  # the app's quotas (see policy.AppPolicy); 0 = none
@@ -37,11 +38,23 @@ class Request:
     request_id: int = field(default_factory=lambda: next(_ids))
     arrived: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0  # when it last got a KV slot (preemption takes the newest first)
-    seq: Sequence | None = None  # made on submit (the prompt is tokenized on the arbiter's thread)
+    prompt_ids: list[int] | None = None  # the prompt already tokenized (a long one, off this thread)
+    seq: Sequence | None = None  # made on submit (else the prompt is tokenized on the arbiter's thread)
     error: Exception | None = None
     reused_tokens: int = 0  # prompt tokens whose KV was restored (session or shared prefix)
     restored_from: str = ""  # "", "memory", "disk", "prefix" or "recomputed" (a swap file was bad)
     preemptions: int = 0
+
+    @property
+    def account(self) -> Account:
+        """Whose tokens these are. An app id alone is not per user (two users' copies of one app share
+        it), so counting by it would let one user's sessions and queue exhaust another's."""
+        return (self.app_id, self.uid)
+
+    @property
+    def who(self) -> str:
+        """The account in words, for quota messages."""
+        return self.app_id if self.uid is None else f"{self.app_id} (uid {self.uid})"
 
     @property
     def admitted(self) -> bool:

@@ -18,6 +18,9 @@ Each step is one prefill chunk or one batched decode of every admitted, prefille
 goes first when its class is above every decoding class (a new interactive request is not kept behind
 background decoding); otherwise prefill chunks and decode steps alternate, so a long prompt never holds
 the apps already generating for more than one chunk at a time, and never starves either.
+
+"An app" here is an account, (app id, uid): two users running the same app are two apps to share
+between, so one user cannot take another's share by running the same program.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from typing import Literal
 
-from llmos.arbiter.policy import Priority
+from llmos.arbiter.policy import Account, Priority
 from llmos.arbiter.request import Request
 
 Step = tuple[Literal["prefill", "decode", "idle"], list[Request]]
@@ -37,38 +40,40 @@ MAX_CREDIT_ROUNDS = 4  # and an app running without waiting banks at most this m
 class Scheduler:
     def __init__(self, quantum: int = 256) -> None:
         self.quantum = quantum
-        self.waiting: dict[Priority, OrderedDict[str, deque[Request]]] = {p: OrderedDict() for p in Priority}
+        self.waiting: dict[Priority, OrderedDict[Account, deque[Request]]] = {
+            p: OrderedDict() for p in Priority
+        }
         self.running: list[Request] = []  # admitted: holding a KV slot, prefilling or decoding
-        self.deficit: dict[str, float] = defaultdict(float)
+        self.deficit: dict[Account, float] = defaultdict(float)
         self._prefill_turn = False
 
     # -- queues -----------------------------------------------------------------------------------------
     def add(self, req: Request, front: bool = False) -> None:
         ring = self.waiting[req.priority]
-        if req.app_id not in ring:
-            ring[req.app_id] = deque()
-            self.deficit[req.app_id] = max(self.deficit[req.app_id], -MAX_DEBT_ROUNDS * self.quantum)
-        (ring[req.app_id].appendleft if front else ring[req.app_id].append)(req)
+        if req.account not in ring:
+            ring[req.account] = deque()
+            self.deficit[req.account] = max(self.deficit[req.account], -MAX_DEBT_ROUNDS * self.quantum)
+        (ring[req.account].appendleft if front else ring[req.account].append)(req)
 
     def remove(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
         else:
             ring = self.waiting[req.priority]
-            q = ring.get(req.app_id)
+            q = ring.get(req.account)
             if q is not None and req in q:
                 q.remove(req)
                 if not q:
-                    del ring[req.app_id]
-        self._settle(req.app_id)
+                    del ring[req.account]
+        self._settle(req.account)
 
-    def _active(self, prio: Priority) -> set[str]:
-        return set(self.waiting[prio]) | {r.app_id for r in self.running if r.priority == prio}
+    def _active(self, prio: Priority) -> set[Account]:
+        return set(self.waiting[prio]) | {r.account for r in self.running if r.priority == prio}
 
-    def _settle(self, app: str) -> None:
+    def _settle(self, app: Account) -> None:
         """An app with nothing left in the system keeps its debt but not its credit (DRR's idle rule)."""
         if not any(app in ring for ring in self.waiting.values()) and all(
-            r.app_id != app for r in self.running
+            r.account != app for r in self.running
         ):
             self.deficit[app] = min(self.deficit[app], 0.0)
 
@@ -80,7 +85,7 @@ class Scheduler:
     def queued(self) -> list[Request]:
         return [r for ring in self.waiting.values() for q in ring.values() for r in q]
 
-    def charge(self, app: str, tokens: int) -> None:
+    def charge(self, app: Account, tokens: int) -> None:
         self.deficit[app] -= tokens
 
     # -- admission ----------------------------------------------------------------------------------------
@@ -110,7 +115,7 @@ class Scheduler:
             return (first, None) if first is not None else None
         for prio in sorted(Priority, reverse=True):
             ring = self.waiting[prio]
-            held = Counter(r.app_id for r in self.running if r.priority == prio)
+            held = Counter(r.account for r in self.running if r.priority == prio)
             for app in sorted(ring, key=lambda a: held.get(a, 0)):
                 victim = self.victim_for(ring[app][0])
                 if victim is not None:
@@ -119,11 +124,11 @@ class Scheduler:
 
     def admit(self, req: Request) -> None:
         ring = self.waiting[req.priority]
-        q = ring[req.app_id]
+        q = ring[req.account]
         q.remove(req)
-        ring.move_to_end(req.app_id)  # round robin: the next admission in this class tries other apps first
+        ring.move_to_end(req.account)  # round robin: the next admission in this class tries other apps first
         if not q:
-            del ring[req.app_id]
+            del ring[req.account]
         req.admitted_at = time.monotonic()
         self.running.append(req)
 
@@ -139,13 +144,13 @@ class Scheduler:
         if lower:
             return max(lower, key=lambda r: (-r.priority, r.admitted_at))
         same = [r for r in self.running if r.priority == req.priority]
-        held = Counter(r.app_id for r in same)
+        held = Counter(r.account for r in same)
         if not held:
             return None
         app, most = held.most_common(1)[0]
-        if most < held.get(req.app_id, 0) + 2:
+        if most < held.get(req.account, 0) + 2:
             return None
-        return max((r for r in same if r.app_id == app), key=lambda r: r.admitted_at)
+        return max((r for r in same if r.account == app), key=lambda r: r.admitted_at)
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)

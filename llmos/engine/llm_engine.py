@@ -34,6 +34,25 @@ ATTENTION_SCRATCH = 32 << 20
 MIN_CHUNK = 32
 
 
+def encode_prompt(
+    tokenizer: Tokenizer,
+    chat_template: ChatTemplate | None,
+    prompt: Prompt,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """A prompt's token ids: text as it is, chat messages through the model's template. A function, not
+    only a method, so a prompt can be encoded while the model itself is not loaded."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        if chat_template is None:
+            raise InvalidSamplingError("this model has no chat template; pass text or token ids")
+        return tokenizer.encode(chat_template.render(prompt, add_generation_prompt=add_generation_prompt))
+    raise InvalidSamplingError("a prompt is text, a list of token ids, or a list of chat messages")
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -114,28 +133,23 @@ class LLMEngine:
 
     # -- prompts ------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, add_generation_prompt: bool = True) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)  # type: ignore[arg-type]
-        if prompt and all(isinstance(m, dict) for m in prompt):
-            if self.chat_template is None:
-                raise InvalidSamplingError("this model has no chat template; pass text or token ids")
-            return self.tokenizer.encode(
-                self.chat_template.render(prompt, add_generation_prompt=add_generation_prompt)
-            )
-        raise InvalidSamplingError("a prompt is text, a list of token ids, or a list of chat messages")
+        return encode_prompt(self.tokenizer, self.chat_template, prompt, add_generation_prompt)
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self.encode_prompt(prompt))
 
     # -- requests -----------------------------------------------------------------------------------------
     def new_sequence(
-        self, prompt: Prompt, params: SamplingParams | None = None, max_len: int | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        max_len: int | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> Sequence:
-        """A validated sequence with no KV slot yet: whoever schedules it gives it one (see `admit`)."""
+        """A validated sequence with no KV slot yet: whoever schedules it gives it one (see `admit`).
+        `prompt_ids`, when given, are the prompt already encoded (a long one, tokenized elsewhere)."""
         params = params or SamplingParams()
-        ids = self.encode_prompt(prompt)
+        ids = prompt_ids if prompt_ids is not None else self.encode_prompt(prompt)
         if not ids:
             raise InvalidSamplingError("the prompt is empty")
         if any(not 0 <= t < self.manifest.n_vocab for t in ids):

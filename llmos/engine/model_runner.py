@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llmos.arbiter.devices import ProviderFailure, open_session
+from llmos.engine import native_ops
 from llmos.engine.embedding import EmbeddingTable
 from llmos.engine.kv_cache import KVCache, KVPool
 from llmos.errors import ModelUnavailableError
@@ -54,9 +55,12 @@ class ModelRunner:
         self.pool = pool
         # Configured providers in order, CPU last; a broken graph fails on all of them and raises
         # ModelUnavailableError ("onnxruntime could not load ...") with onnxruntime's message for each.
+        so = _session_options(self.options)
+        if manifest.custom_op_domains:  # imported for llmos's native Q4_0 op: its library or a clear refusal
+            native_ops.require(so, model_dir)
         session, provider, failures = open_session(
             os.path.join(model_dir, manifest.graph_file),
-            _session_options(self.options),
+            so,
             self.options.providers,
         )
         self.session = session

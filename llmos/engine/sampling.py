@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmos.errors import InvalidSamplingError, validation_problems
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # each is matched against the text after every token: bounded work per token
 
 
 class SamplingParams(BaseModel):
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan=False: a NaN compares false with every bound, so without it a NaN temperature (a
+    # D-Bus double may be one) would be refused as "should be less than or equal to 10"
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
     max_tokens: int = Field(256, ge=1, le=1_000_000)
     temperature: float = Field(0.0, ge=0.0, le=10.0)
@@ -25,6 +31,15 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
+    @classmethod
+    def _finite(cls, v: object) -> object:
+        """Say what is wrong with a NaN or an infinity, instead of naming a bound it does not break."""
+        if isinstance(v, float) and not math.isfinite(v):
+            what = "NaN" if math.isnan(v) else "infinity" if v > 0 else "-infinity"
+            raise PydanticCustomError("finite_number", "must be a finite number, not {what}", {"what": what})
+        return v
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v: object) -> object:
@@ -35,6 +50,8 @@ class SamplingParams(BaseModel):
                 raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
             if any(not isinstance(s, str) or not s for s in v):
                 raise ValueError("stop strings must be non-empty strings")
+            if any(len(s) > MAX_STOP_CHARS for s in v):
+                raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters")
             return tuple(v)
         return v
 
