@@ -15,6 +15,7 @@ import os
 import time
 
 import _common
+import _llamacpp_amx
 import numpy as np
 
 
@@ -23,6 +24,9 @@ def main() -> None:
     import llama_cpp  # after reading the config: its import time is not load time
 
     threads = int(cfg["threads"])
+    # AMX buffers crash this llama.cpp build on AMX machines; keep its other repacking (see _llamacpp_amx)
+    bufts = _llamacpp_amx.drop_amx() if not cfg.get("amx") else None
+    before_load = _common.memory_mb()  # modules imported, nothing loaded
     load_cpu, load_load = _common.cpu_s(), os.getloadavg()[0]
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
@@ -36,6 +40,7 @@ def main() -> None:
     )
     load_s = time.perf_counter() - t0
     load_cpu = _common.cpu_s() - load_cpu
+    after_load = _common.memory_mb()
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:
@@ -69,6 +74,9 @@ def main() -> None:
             "run": run,
             "text": text,
             "model_bytes": os.path.getsize(cfg["gguf"]),
+            "extra_buffer_types": bufts,
+            "before_load": before_load,
+            "after_load": after_load,
             **_common.memory_mb(),
         }
     )
