@@ -193,12 +193,14 @@ def llmos_child() -> None:
     from llmos.engine.sampling import SamplingParams
 
     prompt, n_new, threads = [int(t) for t in cfg["prompt_ids"]], int(cfg["new_tokens"]), int(cfg["threads"])
+    before_load = _common.memory_mb()  # modules imported, nothing loaded
     load_cpu, load_load = _common.cpu_s(), os.getloadavg()[0]
     t0 = time.perf_counter()
     # warmup=False: the engine's own 16-token warm-up would count as load time; we warm up below instead.
     engine = LLMEngine(cfg["model_dir"], threads=threads, max_context=int(cfg["n_ctx"]), warmup=False)
     load_s = time.perf_counter() - t0
     load_cpu = _common.cpu_s() - load_cpu
+    after_load = _common.memory_mb()
     runner = engine.runner
 
     def runner_generation() -> dict[str, Any]:
@@ -240,6 +242,8 @@ def llmos_child() -> None:
             "load_s": load_s,
             "load_cpu_s": load_cpu,
             "loadavg_at_start": load_load,
+            "before_load": before_load,
+            "after_load": after_load,
             "provider": runner.provider,
             "precision": engine.manifest.precision,
             "warmup": [{k: v for k, v in w.items() if k != "ids"} for w in warm],
@@ -357,6 +361,46 @@ def run_child(name: str, argv: list[str], cfg: dict[str, Any], timeout: float) -
     return res
 
 
+def measured_child(
+    label: str,
+    name: str,
+    cmd: list[str],
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    discarded: list[dict[str, Any]],
+    rnd: int,
+) -> dict[str, Any]:
+    """One timed generation child on a quiet machine: wait for quiet (`args.quiet_wait`, `quiet_below`),
+    run it, and run it again (up to `args.retries` times) when other processes used at least
+    `quiet_below` of the CPUs meanwhile; thrown-away runs go to `discarded`. Prints one line."""
+    for attempt in range(args.retries + 1):
+        waited, busy = (
+            wait_for_quiet(args.quiet_wait, args.quiet_below) if args.quiet_wait > 0 else (0.0, float("nan"))
+        )
+        res = run_child(name, cmd, cfg, timeout=900)
+        res["quiet_wait_s"], res["others_busy_before"] = waited, busy
+        res["contended"] = res["other_cpu_frac"] >= args.quiet_below
+        if not res["contended"] or attempt == args.retries:
+            break
+        discarded.append({"round": rnd, "name": name, **res})
+        print(
+            f"  {label} discarded: other processes used "
+            f"{res['other_cpu_frac'] * 100:.0f}% of the CPUs during it; running it again",
+            flush=True,
+        )
+    r = res["run"]
+    print(
+        f"  {label} prefill {r['prefill_tok_s']:7.1f} tok/s  "
+        f"TTFT {r['ttft_s'] * 1000:6.1f} ms  decode {r['decode_tok_s']:6.1f} tok/s  "
+        f"RSS {res.get('vmhwm_mb', float('nan')):6.1f} MB  load {res['load_s']:.2f} s  "
+        f"others {res['other_cpu_frac'] * 100:3.0f}% CPU"
+        + (" CONTENDED" if res["contended"] else "")
+        + (f" (waited {waited:.0f} s)" if waited >= 5 else ""),
+        flush=True,
+    )
+    return res
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     def vals(key: str, src: str = "run") -> list[float]:
         return [r[src][key] if src else r[key] for r in results]
@@ -378,9 +422,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def ratio_checks(llmos: dict[str, Any], peer: dict[str, Any]) -> list[dict[str, Any]]:
+def ratio_checks(
+    llmos: dict[str, Any], peer: dict[str, Any], targets: dict[str, tuple[str, str, float]] | None = None
+) -> list[dict[str, Any]]:
     checks = []
-    for label, (key, op, bound) in TARGETS.items():
+    for label, (key, op, bound) in (targets or TARGETS).items():
         r = llmos[key] / peer[key]
         ok = r >= bound if op == ">=" else r <= bound
         checks.append({"metric": label, "ratio": r, "target": f"{op} {bound}x", "pass": ok})
@@ -555,34 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         order = engines[rnd % len(engines) :] + engines[: rnd % len(engines)]  # rotate who goes first
         for name, cmd, cfg in order:
-            for attempt in range(args.retries + 1):
-                waited, busy = (
-                    wait_for_quiet(args.quiet_wait, args.quiet_below)
-                    if args.quiet_wait > 0
-                    else (0.0, float("nan"))
-                )
-                res = run_child(name, cmd, cfg, timeout=900)
-                res["quiet_wait_s"], res["others_busy_before"] = waited, busy
-                res["contended"] = res["other_cpu_frac"] >= args.quiet_below
-                if not res["contended"] or attempt == args.retries:
-                    break
-                discarded.append({"round": rnd + 1, "name": name, **res})
-                print(
-                    f"  round {rnd + 1} {name:<21} discarded: other processes used "
-                    f"{res['other_cpu_frac'] * 100:.0f}% of the CPUs during it; running it again",
-                    flush=True,
-                )
+            res = measured_child(f"round {rnd + 1} {name:<21}", name, cmd, cfg, args, discarded, rnd + 1)
             results[name].append(res)
-            r = res["run"]
-            print(
-                f"  round {rnd + 1} {name:<21} prefill {r['prefill_tok_s']:7.1f} tok/s  "
-                f"TTFT {r['ttft_s'] * 1000:6.1f} ms  decode {r['decode_tok_s']:6.1f} tok/s  "
-                f"RSS {res.get('vmhwm_mb', float('nan')):6.1f} MB  load {res['load_s']:.2f} s  "
-                f"others {res['other_cpu_frac'] * 100:3.0f}% CPU"
-                + (" CONTENDED" if res["contended"] else "")
-                + (f" (waited {waited:.0f} s)" if waited >= 5 else ""),
-                flush=True,
-            )
     busy_after = busy_processes()
 
     summary = {name: summarize(rs) for name, rs in results.items()}
