@@ -25,6 +25,7 @@ class X16Layout:
     qk: int  # weights per block of one row
     blk: int  # bytes per block of one row (as in the GGUF)
     regroup: Callable[[np.ndarray], np.ndarray]  # GGUF rows [N, K/qk*blk] -> x16 bytes, same shape
+    ungroup: Callable[[np.ndarray], np.ndarray]  # its inverse, on whole groups (16k rows)
 
 
 def _groups(rows: np.ndarray, blk: int, name: str) -> np.ndarray:
@@ -46,6 +47,26 @@ def q4_0_x16(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([scales, quants], axis=2).reshape(rows.shape))
 
 
+def q4_0_ungroup(x16: np.ndarray) -> np.ndarray:
+    r = _groups(x16, 18, "Q4_0")
+    g, _, nb, _ = r.shape
+    flat = r.reshape(g, nb, 288)
+    scales = flat[..., :32].reshape(g, nb, 16, 2).transpose(0, 2, 1, 3)
+    quants = flat[..., 32:].reshape(g, nb, 4, 16, 4).transpose(0, 3, 1, 2, 4).reshape(g, 16, nb, 16)
+    return np.ascontiguousarray(np.concatenate([scales, quants], axis=3).reshape(x16.shape))
+
+
+def gguf_rows(layout: X16Layout, x16: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The GGUF bytes of rows `ids` (any shape) of an x16 matrix: [*ids.shape, row_bytes]. Reads each
+    row's whole group of 16 (for embedding lookups: a few rows per token, never the whole table)."""
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+    groups, slots = np.divmod(flat, 16)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    blocks = x16.reshape(-1, 16, x16.shape[1])[uniq].reshape(-1, x16.shape[1])
+    rows = layout.ungroup(blocks).reshape(len(uniq), 16, -1)[inverse, slots]
+    return rows.reshape(*np.shape(ids), x16.shape[1])
+
+
 LAYOUTS: dict[int, X16Layout] = {
-    T.Q4_0: X16Layout("GgufMatMulQ4_0x16", 32, 18, q4_0_x16),
+    T.Q4_0: X16Layout("GgufMatMulQ4_0x16", 32, 18, q4_0_x16, q4_0_ungroup),
 }

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from llmos.engine import native_ops
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import ModelUnavailableError
-from llmos.gguf_layouts import LAYOUTS, q4_0_x16
+from llmos.gguf_layouts import LAYOUTS, gguf_rows, q4_0_x16
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
 from llmos.tiny_model import write_random_gguf
@@ -63,6 +63,10 @@ def test_x16_layout_only_moves_the_bytes() -> None:
         assert bytes(g[1, 2, 32 + 64 * c + 20 : 32 + 64 * c + 24]) == bytes(row[2 + 4 * c : 6 + 4 * c])
     with pytest.raises(ValueError):
         q4_0_x16(raw[:8])
+    layout = LAYOUTS[GGMLQuantizationType.Q4_0]
+    assert (layout.ungroup(x16) == raw).all()
+    ids = np.array([[31, 0], [17, 17]])
+    assert (gguf_rows(layout, x16, ids) == raw[ids]).all()
 
 
 def q8_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
