@@ -7,8 +7,8 @@ GroupQueryAttention writes the new positions in place. `logit_positions` picks w
 
 Operators are onnxruntime's CPU-fast contrib ops: MatMulNBits (int4/int8 weights carried from the GGUF,
 see quant.py), GroupQueryAttention (rotary inside), SimplifiedLayerNormalization and its Skip variant.
-With `native_ops`, Q4_0 matrices use llmos's own op instead (engine/native_ops.py), their GGUF bytes
-regrouped 16 rows at a time.
+With `native_ops` (the op names llmos's own library holds, engine/native_ops.py), matrices of the
+types those ops read use them instead, their GGUF bytes regrouped 16 rows at a time (gguf_layouts.py).
 """
 
 from __future__ import annotations
@@ -22,23 +22,21 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import onnx
-from gguf import GGMLQuantizationType
 from onnx import TensorProto, helper, numpy_helper
 
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import GGUFFile, LlamaHParams, TensorInfo
-from llmos.quant import PackedMatrix, dequantize, pack_matrix, q4_0_x16, source_bits
+from llmos.gguf_layouts import LAYOUTS, X16Layout
+from llmos.quant import PackedMatrix, dequantize, pack_matrix, source_bits
 
 Precision = Literal["int4", "int8", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("int4", "int8", "fp32")
 OPSET = 21
 MS = "com.microsoft"
-Q4_0 = GGMLQuantizationType.Q4_0
 GGUF_DOMAIN = "llmos.gguf"  # llmos's native op library (engine/native_ops.py, native/gguf_ops.cc)
-GGUF_Q4_0_X16 = "GgufMatMulQ4_0x16"
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 7  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 8  # bump when the graph changes, so imports are redone
 ALIGN = 4096  # weight offsets in the data file: page-aligned, so they can be mapped
 INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
 
@@ -50,7 +48,8 @@ class BuildReport:
     precision: Precision
     exact: bool = True  # False if any weight had to be re-rounded from floats
     corrected_matrices: int = 0  # matrices that carry a block-offset correction (Q4_1, Q5_1, K-quants)
-    native_matrices: int = 0  # (fused) Q4_0 matrices on llmos's native op rather than MatMulNBits
+    native_matrices: int = 0  # (fused) matrices on llmos's native ops rather than MatMulNBits
+    native_ops: set[str] = field(default_factory=set)  # which of those ops the graph uses
     embedding: dict[str, dict[str, object]] = field(default_factory=dict)  # where the table's bytes are
     notes: list[str] = field(default_factory=list)
 
@@ -128,7 +127,7 @@ class LlamaGraphBuilder:
         accuracy_level: int = 4,
         progress: Callable[[int, int], None] | None = None,
         data: BinaryIO | None = None,  # the weight file initializers stream into (None: kept in memory)
-        native_ops: bool = False,  # Q4_0 matrices on llmos's native op (its library must load at run time)
+        native_ops: frozenset[str] = frozenset(),  # llmos.gguf ops to use (the library must load at run time)
     ) -> None:
         if precision not in PRECISIONS:
             raise UnsupportedModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -136,7 +135,10 @@ class LlamaGraphBuilder:
         self.hp: LlamaHParams = gguf.hparams()
         self.precision = precision
         self.accuracy_level = accuracy_level
-        self.native_ops = native_ops and precision == "int4"
+        # GGUF type -> the native layout for it, for the ops the library holds (int4: the file's own bits)
+        self.layouts: dict[int, X16Layout] = (
+            {q: lay for q, lay in LAYOUTS.items() if lay.op in native_ops} if precision == "int4" else {}
+        )
         self.progress = progress or (lambda _i, _n: None)
         self.g = _Graph(data)
         self.report = BuildReport(precision=precision)
@@ -154,17 +156,22 @@ class LlamaGraphBuilder:
         """One or several matrices stacked on N (fused projections share their input), fused where they
         share a form. Parts of different types (a Q4_K_M file's Q4_K q/k beside a Q6_K v) stay apart:
         a common form (8 bits, 16-weight blocks) would hold them exactly too, but read more bytes per
-        token than the sources do, and decode speed is bytes per token. With native ops, runs of Q4_0
-        matrices become one `GgufRows` when their rows come in groups of 16 (fused, else one by one);
-        a matrix that does not fit goes to MatMulNBits."""
-        if not self.native_ops:
+        token than the sources do, and decode speed is bytes per token. With native ops, runs of matrices
+        of one type that has a layout become one `GgufRows` when their rows come in groups of 16 (fused,
+        else one by one); a matrix that does not fit goes to MatMulNBits."""
+        if not self.layouts:
             return list(self._packs_int(names))
         out: list[PackedMatrix | GgufRows] = []
         rest: list[str] = []  # for MatMulNBits, in order
         rows = {n: self._tensor(n).shape[0] for n in names}
-        for is_q4_0, run_iter in groupby(names, key=lambda n: self._tensor(n).qtype == Q4_0):
+
+        def native(n: str) -> int | None:
+            q = self._tensor(n).qtype
+            return q if q in self.layouts else None
+
+        for qtype, run_iter in groupby(names, key=native):
             run = list(run_iter)
-            if not is_q4_0:
+            if qtype is None:
                 rest += run
                 continue
             for group in [run] if sum(rows[n] for n in run) % 16 == 0 else [[n] for n in run]:
@@ -173,15 +180,15 @@ class LlamaGraphBuilder:
                     continue
                 out += self._packs_int(rest)
                 rest = []
-                out.append(self._gguf_rows(group))
+                out.append(self._gguf_rows(group, self.layouts[qtype]))
         return out + self._packs_int(rest)
 
-    def _gguf_rows(self, names: list[str]) -> GgufRows:
+    def _gguf_rows(self, names: list[str], layout: X16Layout) -> GgufRows:
         ts = [self._tensor(n) for n in names]
         rows = np.concatenate([np.asarray(t.data, dtype=np.uint8).reshape(t.shape[0], -1) for t in ts])
         for n in names:
             self.gguf.release(n)
-        return GgufRows(n=rows.shape[0], k=ts[0].shape[1], data=q4_0_x16(rows))
+        return GgufRows(n=rows.shape[0], k=ts[0].shape[1], data=layout.regroup(rows), layout=layout)
 
     def _packs_int(self, names: list[str]) -> list[PackedMatrix]:
         if not names:
@@ -218,17 +225,18 @@ class LlamaGraphBuilder:
             return g.op("MatMul", [x, g.init(f"{tag}.weight", np.ascontiguousarray(w.T))])[0]
         packs = self._packs(names)
         outs = [
-            self._gguf_q4_0(x, p, t) if isinstance(p, GgufRows) else self._matmul_nbits(x, p, t)
+            self._gguf_matmul(x, p, t) if isinstance(p, GgufRows) else self._matmul_nbits(x, p, t)
             for i, p in enumerate(packs)
             for t in [tag if len(packs) == 1 else f"{tag}.{i}"]
         ]
         return outs[0] if len(outs) == 1 else g.op("Concat", outs, axis=-1)[0]
 
-    def _gguf_q4_0(self, x: str, p: GgufRows, tag: str) -> str:
-        """y = x @ W^T on llmos's native op, from the GGUF's Q4_0 bytes (regrouped, not re-rounded)."""
+    def _gguf_matmul(self, x: str, p: GgufRows, tag: str) -> str:
+        """y = x @ W^T on the native op for the type, from the GGUF's bytes (regrouped, not re-rounded)."""
         self.report.native_matrices += 1
-        w = self.g.init(f"{tag}.q4_0x16", p.data)
-        return self.g.op(GGUF_Q4_0_X16, [x, w], domain=GGUF_DOMAIN, K=p.k, N=p.n)[0]
+        self.report.native_ops.add(p.layout.op)
+        w = self.g.init(f"{tag}.x16", p.data)
+        return self.g.op(p.layout.op, [x, w], domain=GGUF_DOMAIN, K=p.k, N=p.n)[0]
 
     def _matmul_nbits(self, x: str, p: PackedMatrix, tag: str) -> str:
         g = self.g
@@ -532,7 +540,7 @@ def build_onnx(
     precision: Precision,
     out_dir: str | os.PathLike[str],
     progress: Callable[[int, int], None] | None = None,
-    native_ops: bool = False,
+    native_ops: frozenset[str] = frozenset(),
 ) -> BuildReport:
     """Build and write `model.onnx` + `model.onnx.data` into `out_dir` (which the caller makes atomic)."""
     out = Path(out_dir)
@@ -549,11 +557,12 @@ def build_onnx(
 
 @dataclass
 class GgufRows:
-    """Q4_0 matrices stacked on N, their GGUF bytes in the native op's x16 layout (quant.q4_0_x16)."""
+    """Matrices of one GGUF type stacked on N, their bytes in the native op's x16 layout (gguf_layouts)."""
 
     n: int
     k: int
-    data: np.ndarray  # uint8 [N, K/32*18]
+    data: np.ndarray  # uint8 [N, K/qk*blk]
+    layout: X16Layout
 
 
 def _stack(parts: list[PackedMatrix]) -> PackedMatrix:

@@ -62,9 +62,10 @@ class ModelManifest(BaseModel):
     tokenizer_file: str = "tokenizer.json"
     # token embedding table: "qweight"/"scales"/"correction" (8-bit rows) or "weight" (fp32)
     embedding: dict[str, TensorLocation] = {}
-    # custom op domains the graph uses, whose libraries must load with it: ["llmos.gguf"] when Q4_0
-    # matrices were imported for llmos's native op (engine/native_ops.py), empty for onnxruntime's own ops
+    # custom op domains the graph uses, whose libraries must load with it: ["llmos.gguf"] when matrices
+    # were imported for llmos's native ops (engine/native_ops.py), empty for onnxruntime's own ops
     custom_op_domains: list[str] = []
+    native_ops: list[str] = []  # the llmos.gguf ops the graph uses (the library must hold each)
     # every other file of the directory, by name relative to it; empty in manifests written before
     # digests were recorded (loaded with a warning, see llmos/model_integrity.py)
     files: dict[str, FileDigest] = {}

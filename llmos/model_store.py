@@ -176,8 +176,8 @@ class ModelStore:
             old = ModelManifest.read(target)
             if old.source_sha256 != digest or old.builder_version != BUILDER_VERSION or not old.files:
                 return False  # another source, an older graph, or imported before digests: rebuild
-            if old.custom_op_domains and not native_ops.available():
-                return False  # imported for the native op, whose library is gone: MatMulNBits now
+            if old.custom_op_domains and not set(old.native_ops) <= native_ops.op_names():
+                return False  # imported for native ops the library here lacks: rebuilt for what it has
             verify_model(target, old)  # a damaged directory is rebuilt by the same import command
         except LlmosError:
             return False
@@ -207,7 +207,7 @@ class ModelStore:
                 precision,
                 out,
                 progress=lambda i, n: step("graph", i, n),
-                native_ops=native_ops.available(),  # import decides: the op when its library loads here
+                native_ops=native_ops.op_names(),  # import decides: the ops its library here holds
             )
         except LlmosError:
             raise
@@ -238,7 +238,8 @@ class ModelStore:
             source_sha256=digest,
             source_quant=types.most_common(1)[0][0] if types else "unknown",
             embedding=report.embedding,
-            custom_op_domains=[native_ops.DOMAIN] if report.native_matrices else [],
+            custom_op_domains=[native_ops.DOMAIN] if report.native_ops else [],
+            native_ops=sorted(report.native_ops),
         )
         step("check", 0, 1)
         self._check_loads(out, manifest)

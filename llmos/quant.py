@@ -346,20 +346,3 @@ def unpack(p: PackedMatrix) -> np.ndarray:
     if p.correction is not None:
         w = w + p.correction[..., None]
     return w.reshape(p.n, p.k)
-
-
-def q4_0_x16(rows: np.ndarray) -> np.ndarray:
-    """GGUF Q4_0 rows [N, K/32*18] regrouped for the native op (llmos/native/gguf_ops.cc), N % 16 == 0.
-
-    The same bytes, moved: per group of 16 rows and block of 32 weights, the 16 fp16 scales, then four
-    64-byte chunks where bytes 4r..4r+3 of chunk c are the quant bytes 4c..4c+3 of row r. Returned as
-    [N, K/32*18] (the row axis now counts groups of 16), the shape the op checks.
-    """
-    n, row_bytes = rows.shape
-    if n % 16 or row_bytes % 18:
-        raise ValueError(f"Q4_0 x16 needs N % 16 == 0 and whole blocks, not [{n}, {row_bytes}]")
-    nb = row_bytes // 18
-    r = np.asarray(rows, dtype=np.uint8).reshape(n // 16, 16, nb, 18)
-    scales = r[..., :2].transpose(0, 2, 1, 3).reshape(n // 16, nb, 32)
-    quants = r[..., 2:].reshape(n // 16, 16, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n // 16, nb, 256)
-    return np.ascontiguousarray(np.concatenate([scales, quants], axis=2).reshape(n, row_bytes))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build llmos's native Q4_0 op (llmos/native/gguf_ops.cc) for this CPU, into llmos/native/build/.
+# Build llmos's native op library (llmos/native/*.cc: one op per GGUF weight type) for this CPU, into
+# llmos/native/build/.
 # Optional: when it cannot be built (no x86-64 AVX2, no compiler, no headers), it prints one line and
-# exits 0, and llmos imports Q4_0 weights for onnxruntime's MatMulNBits instead. Idempotent: skips when
+# exits 0, and llmos imports every weight type for onnxruntime's MatMulNBits instead. Idempotent: skips when
 # the library was built from the same source, headers and flags. Called by scripts/setup.sh.
 #
 # Headers: Debian trixie's libonnxruntime-dev (onnxruntime 1.21 C/C++ API headers, ORT_API_VERSION 21),
@@ -13,7 +14,8 @@
 # (the .venv has 1.32) load it through their stable C API.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-src=llmos/native/gguf_ops.cc
+srcs=(llmos/native/*.cc)
+headers_own=(llmos/native/*.h)
 out=llmos/native/build
 lib=$out/libllmos_gguf_ops.so
 deb_name=libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
@@ -21,7 +23,7 @@ deb_sha256=14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08
 deb_version=1.21.0+dfsg-1
 
 skip() {
-  echo "setup: native Q4_0 op not built ($1); llmos uses onnxruntime's MatMulNBits for Q4_0" >&2
+  echo "setup: native GGUF ops not built ($1); llmos uses onnxruntime's MatMulNBits" >&2
   exit 0
 }
 
@@ -61,7 +63,7 @@ cxx=$(command -v g++ || command -v c++ || true)
 [[ -n "$cxx" ]] || skip "no C++ compiler (apt-get install g++)"
 cxxflags="-std=c++17 -O3 -fPIC -shared -fvisibility=hidden $isa"
 
-stamp=$( { sha256sum "$src" | cut -d' ' -f1; echo "$deb_sha256 $cxx $cxxflags"; } | sha256sum | cut -d' ' -f1)
+stamp=$( { cat "${srcs[@]}" "${headers_own[@]}" | sha256sum | cut -d' ' -f1; echo "$deb_sha256 $cxx $cxxflags"; } | sha256sum | cut -d' ' -f1)
 if [[ -f $lib && "$(cat "$lib.stamp" 2>/dev/null)" == "$stamp" ]]; then
   exit 0  # built from this source with these flags already
 fi
@@ -80,9 +82,9 @@ if [[ ! -f $headers/onnxruntime_cxx_api.h ]]; then
   dpkg-deb -x "$deb" "$out/onnxruntime-dev" || skip "could not unpack $deb_name"
 fi
 
-echo "setup: building the native Q4_0 op ($isa)" >&2
+echo "setup: building the native GGUF ops ($isa)" >&2
 # shellcheck disable=SC2086
-if ! "$cxx" $cxxflags -I"$headers" "$src" -o "$lib.tmp" 2>"$out/build.log"; then
+if ! "$cxx" $cxxflags -I"$headers" -Illmos/native "${srcs[@]}" -o "$lib.tmp" 2>"$out/build.log"; then
   rm -f "$lib.tmp"
   skip "compiling failed, see $out/build.log"
 fi

@@ -15,17 +15,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from gguf import GGMLQuantizationType
 from onnx import TensorProto, helper, numpy_helper
 
 from llmos.engine import native_ops
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import ModelUnavailableError
+from llmos.gguf_layouts import LAYOUTS, gguf_rows, q4_0_x16
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
-from llmos.quant import q4_0_x16
 from llmos.tiny_model import write_random_gguf
 
 TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 1000, 48)]
+OP_Q4_0 = LAYOUTS[GGMLQuantizationType.Q4_0].op
 missing_reason = native_ops.unavailable_reason()
 needs_op = pytest.mark.skipif(
     missing_reason is not None, reason=f"native op library not built ({missing_reason}; scripts/setup.sh)"
@@ -61,6 +63,10 @@ def test_x16_layout_only_moves_the_bytes() -> None:
         assert bytes(g[1, 2, 32 + 64 * c + 20 : 32 + 64 * c + 24]) == bytes(row[2 + 4 * c : 6 + 4 * c])
     with pytest.raises(ValueError):
         q4_0_x16(raw[:8])
+    layout = LAYOUTS[GGMLQuantizationType.Q4_0]
+    assert (layout.ungroup(x16) == raw).all()
+    ids = np.array([[31, 0], [17, 17]])
+    assert (gguf_rows(layout, x16, ids) == raw[ids]).all()
 
 
 def q8_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -79,7 +85,7 @@ def test_op_computes_the_q4_0_product(shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(2)
     n, k = 80, 320
     raw, w = q4_0_rows(rng, n, k)
-    node = helper.make_node(native_ops.OP_Q4_0_X16, ["x", "w"], ["y"], domain=native_ops.DOMAIN, K=k, N=n)
+    node = helper.make_node(OP_Q4_0, ["x", "w"], ["y"], domain=native_ops.DOMAIN, K=k, N=n)
     graph = helper.make_graph(
         [node],
         "op",
@@ -161,7 +167,7 @@ def test_native_graph_follows_the_exact_graph_and_matmul_nbits(imports: dict[str
     assert m.custom_op_domains == [native_ops.DOMAIN] and m.exact_weights
     graph = onnx.load(str(imports["native"] / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count(native_ops.OP_Q4_0_X16) == 8  # per layer: fused q/k/v, o, fused gate/up, down
+    assert ops.count(OP_Q4_0) == 8  # per layer: fused q/k/v, o, fused gate/up, down
     native, nbits, exact = logits(imports["native"]), logits(imports["nbits"]), logits(imports["fp32"])
     # both round activations to int8 per 32 (MatMulNBits measured 4.3e-5 from the exact graph)
     off_native = (1 - cosine(native, exact)).max()

@@ -56,8 +56,8 @@ class ModelRunner:
         # Configured providers in order, CPU last; a broken graph fails on all of them and raises
         # ModelUnavailableError ("onnxruntime could not load ...") with onnxruntime's message for each.
         so = _session_options(self.options)
-        if manifest.custom_op_domains:  # imported for llmos's native Q4_0 op: its library or a clear refusal
-            native_ops.require(so, model_dir)
+        if manifest.custom_op_domains:  # imported for llmos's native ops: their library or a clear refusal
+            native_ops.require(so, model_dir, manifest.native_ops)
         session, provider, failures = open_session(
             os.path.join(model_dir, manifest.graph_file),
             so,
