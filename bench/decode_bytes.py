@@ -10,13 +10,13 @@ hardware; bench/engine_sizes.py sets them beside a measured resident-set growth 
 * llmos runs onnxruntime. A MatMulNBits weight is prepacked by MLAS at session creation; with
   accuracy_level 4 (int8 compute, the int4 graph's setting) the packed form is the 4- or 8-bit data,
   fp32 scales per block, and fp32 per-block "BlkSum" terms with N rounded up to 16
-  (onnxruntime/core/mlas/lib/qnbitgemm.h, PackedQuantBDataStruct). llmos's native Q4_0 op
-  (`llmos.gguf` GgufMatMulQ4_0x16, used when its library was available at import) reads its initializer
-  as stored: the GGUF's 18 bytes per 32 weights, regrouped 16 rows at a time. Every other initializer a
-  node reads counts in full (norms, block-offset corrections, block indicators), once, except tables only
-  looked up by row:
-  GroupQueryAttention's rotary cos/sin caches and Gather data. The embedding lookup happens outside the
-  graph (a memory map, one row per token), so an untied model's table is not read by the graph at all.
+  (onnxruntime/core/mlas/lib/qnbitgemm.h, PackedQuantBDataStruct). llmos's native ops (domain
+  `llmos.gguf`, one per GGUF type, used when their library was available at import) read their
+  initializer as stored: the GGUF's own bytes per block, regrouped 16 rows at a time. Every other
+  initializer a node reads counts in full (norms, block-offset corrections, block indicators), once,
+  except tables only looked up by row: GroupQueryAttention's rotary cos/sin caches and Gather data.
+  The embedding lookup happens outside the graph (a memory map, one row per token), so an untied
+  model's table is not read by the graph at all.
   Not counted: a second fp32 correction array MLAS adds for some 8-bit kernels whose activations are
   quantized unsigned (QuantAUnsigned), when this onnxruntime chooses one.
 
@@ -65,7 +65,7 @@ def llmos_decode_bytes(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Bytes of weights an llmos decode step reads, from the built graph (see the module docstring)."""
     import onnx
 
-    from llmos.graph_builder import GGUF_Q4_0_X16
+    from llmos.graph_builder import GGUF_DOMAIN
 
     model = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False)
     graph = model.graph
@@ -90,6 +90,12 @@ def llmos_decode_bytes(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
                 node.op_type.startswith("Gather") and j == 0
             )
             lookup_only[name] = lookup_only.get(name, True) and is_lookup
+        if node.domain == GGUF_DOMAIN:  # native: the initializer as stored, named by the op's type
+            if node.input[1] in inits and node.input[1] not in counted:
+                counted.add(node.input[1])
+                kind = node.op_type.removeprefix("GgufMatMul").removesuffix("x16")
+                parts[f"{kind} (native op)"] += nbytes(node.input[1])
+            continue
         if node.op_type != "MatMulNBits":
             continue
         n, k, bits, block = int(attrs["N"]), int(attrs["K"]), int(attrs["bits"]), int(attrs["block_size"])
@@ -111,17 +117,18 @@ def llmos_decode_bytes(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
         counted.add(name)
         if name.endswith(".correction"):
             kind = "fp32 block-offset corrections"
-        elif name.endswith(".q4_0x16"):
-            kind = "Q4_0 (native op)"
         else:
             kind = "other (norms, indicators, ...)"
         parts[kind] += nbytes(name)
-    ops = [n.op_type for n in graph.node]
+    native: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        if node.domain == GGUF_DOMAIN:
+            native[node.op_type.removeprefix("GgufMatMul").removesuffix("x16")] += 1
     return {
         "bytes": sum(parts.values()),
         "parts": dict(parts),
-        "matmulnbits_nodes": ops.count("MatMulNBits"),
-        "native_q4_0_nodes": ops.count(GGUF_Q4_0_X16),
+        "matmulnbits_nodes": sum(n.op_type == "MatMulNBits" for n in graph.node),
+        "native_nodes": dict(native),  # per GGUF type: nodes on llmos's native op
     }
 
 

@@ -190,7 +190,8 @@ def print_bandwidth(bw: dict[str, Any], threads: int) -> None:
 def ops_used(imp: dict[str, Any]) -> str:
     """Which matrix ops the imported graph uses, and why not the native one if it is missing."""
     d = imp["llmos_decode"]
-    out = f"{d['matmulnbits_nodes']} MatMulNBits + {d['native_q4_0_nodes']} native Q4_0"
+    native = " + ".join(f"{n} native {t}" for t, n in sorted(d["native_nodes"].items()))
+    out = f"{d['matmulnbits_nodes']} MatMulNBits" + (f" + {native}" if native else "")
     if imp.get("native_ops_unavailable"):
         out += " (native op library unavailable)"
     return out
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "--native-ops",
         choices=("auto", "off"),
         default="auto",
-        help="auto: import as llmos does (its native Q4_0 op when the library loads, see "
+        help="auto: import as llmos does (its native GGUF ops when the library loads, see "
         "llmos/engine/native_ops.py and $LLMOS_GGUF_OPS); off: MatMulNBits for every matrix",
     )
     ap.add_argument("--membw-mb", type=int, default=1024, help="bandwidth buffer in MiB (default 1024)")
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxruntime {info['onnxruntime']}, llama-cpp-python {info['llama_cpp_python']}, "
         f"python {platform.python_version()}\nllmos code: {info['llmos_source']}"
     )
-    print(f"native Q4_0 op: {args.native_ops} (LLMOS_GGUF_OPS={os.environ.get('LLMOS_GGUF_OPS', 'unset')})")
+    print(f"native GGUF ops: {args.native_ops} (LLMOS_GGUF_OPS={os.environ.get('LLMOS_GGUF_OPS', 'unset')})")
     print(
         f"prompt {len(prompt_ids)} tokens, {engine.NEW_TOKENS} greedy tokens (EOS ignored), "
         f"{args.threads} threads, n_ctx {args.n_ctx}, {args.rounds} rounds per row"
