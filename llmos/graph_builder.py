@@ -139,12 +139,19 @@ class LlamaGraphBuilder:
         self.layouts: dict[int, X16Layout] = (
             {q: lay for q, lay in LAYOUTS.items() if lay.op in native_ops} if precision == "int4" else {}
         )
-        self.progress = progress or (lambda _i, _n: None)
+        self.progress = progress or (lambda _i, _n: None)  # (tensors read, tensors in the file)
+        self._read: set[str] = set()
+        self._n_tensors = len(gguf.tensor_names())
         self.g = _Graph(data)
         self.report = BuildReport(precision=precision)
 
     # -- weights ----------------------------------------------------------------------------------------
     def _tensor(self, name: str) -> TensorInfo:
+        """A GGUF tensor, counted for progress the first time it is read: tensor by tensor, so a phone
+        importing a 1B model sees the bar move every few hundred milliseconds, not once per layer."""
+        if name not in self._read:
+            self._read.add(name)
+            self.progress(len(self._read), self._n_tensors)
         return self.gguf.tensor(name)
 
     def _bits_for(self, t: TensorInfo) -> int:
@@ -475,7 +482,6 @@ class LlamaGraphBuilder:
             branch = self._linear(self._ffn_activation(gate, up), [p + "ffn_down.weight"], f"{p}ffn_down")
             if hp.post_norms:
                 branch = self._rms_norm(branch, f"{p}post_ffw_norm.weight")
-            self.progress(i + 1, hp.n_layer)
         assert residual is not None
         # Only the positions asked for reach the final norm and the head.
         idx = g.op("Unsqueeze", ["logit_positions", g.const(np.array([-1], dtype=i64))])[0]
@@ -524,6 +530,7 @@ class LlamaGraphBuilder:
         model.ir_version = 10
         # Initializers no node reads (the embedding table of an untied model) are still written to the
         # data file for the engine's lookup; onnxruntime ignores them.
+        self.progress(self._n_tensors, self._n_tensors)  # tensors the graph does not read (rope_freqs, ...)
         return model
 
 

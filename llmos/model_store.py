@@ -37,7 +37,8 @@ from llmos.model_integrity import digest_directory, verify_model
 from llmos.paths import model_store_dir
 from llmos.reimport import reimport_command
 
-# progress(stage, done, total): stages are "hash", "tokenizer", "graph", "check", "digest"
+# progress(stage, done, total): stages are "hash", "tokenizer", "graph" (tensor by tensor), "check",
+# "digest"
 ImportProgress = Callable[[str, int, int], None]
 DEFAULT_POINTER = "DEFAULT"
 _TMP_PREFIX = ".import-"

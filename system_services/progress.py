@@ -15,14 +15,14 @@ from typing import TextIO
 STAGE_LABELS = {
     "hash": "checksum",
     "tokenizer": "tokenizer",
-    "graph": "graph layers",
+    "graph": "weights",
     "check": "load check",
     "digest": "file digests",
 }
 STAGE_NOTES = {
     "hash": "sha256 of the source file",
     "tokenizer": "converting the tokenizer",
-    "graph": "building {total} layers",
+    "graph": "building the graph, {total} tensors",
     "check": "loading the built graph in onnxruntime",
     "digest": "sha256 of every file written, for the check at each load",
 }

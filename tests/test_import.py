@@ -67,8 +67,19 @@ def _store_is_clean(store: ModelStore) -> bool:
 def test_import_is_idempotent_and_atomic(tmp_path: Path, tiny: Path) -> None:
     store = ModelStore(tmp_path / "store")
     stages: list[str] = []
-    d = store.import_gguf(tiny, progress=lambda stage, done, total: stages.append(stage))
+    graph: list[tuple[int, int]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        stages.append(stage)
+        if stage == "graph":
+            graph.append((done, total))
+
+    d = store.import_gguf(tiny, progress=progress)
     assert {"hash", "tokenizer", "graph", "check"} <= set(stages)
+    # the graph stage moves tensor by tensor, to every tensor of the file
+    n_tensors = len(GGUFFile(tiny).tensor_names())
+    assert [t for _, t in graph] == [n_tensors] * len(graph) and graph[-1][0] == n_tensors
+    assert len({done for done, _ in graph}) >= n_tensors - 2 and graph == sorted(graph)
     m = ModelManifest.read(d)
     assert (m.precision, m.source_quant, m.exact_weights, m.builder_version) == (
         "int4",
