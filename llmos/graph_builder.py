@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -27,10 +27,9 @@ from onnx import TensorProto, helper, numpy_helper
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import GGUFFile, LlamaHParams, TensorInfo
 from llmos.gguf_layouts import LAYOUTS, X16Layout
+from llmos.precision import PRECISIONS, Precision
 from llmos.quant import PackedMatrix, dequantize, pack_matrix, source_bits
 
-Precision = Literal["int4", "int8", "fp32"]
-PRECISIONS: tuple[Precision, ...] = ("int4", "int8", "fp32")
 OPSET = 21
 MS = "com.microsoft"
 GGUF_DOMAIN = "llmos.gguf"  # llmos's native op library (engine/native_ops.py, native/gguf_ops.cc)

@@ -23,17 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from llmos.errors import InvalidSamplingError, LlmosError
-from llmos.graph_builder import PRECISIONS
-from llmos.manifest import ModelManifest
-from llmos.model_store import ModelStore
+from llmos.precision import PRECISIONS
 from system_services import cli_agents, cli_service, cli_top
 from system_services.cli_service import human_size
 from system_services.client import ServiceError
-from system_services.progress import ImportProgress
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model store pulls in numpy, gguf and onnx: loaded by the commands that use it
     from llmos.engine.llm_engine import LLMEngine
     from llmos.engine.sampling import SamplingParams
+    from llmos.model_store import ModelStore
 
 PROG = "llmosctl"
 # D-Bus error names that mean "the caller asked for something wrong": exit 2, like a usage error.
@@ -63,6 +61,8 @@ def dir_size(d: Path) -> int:
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
+    from llmos.model_store import ModelStore
+
     return ModelStore(args.store)
 
 
@@ -82,6 +82,12 @@ def cmd_model_import(args: argparse.Namespace) -> int:
         raise UsageError("give a GGUF file to import, or --default for the default model")
     if args.path is None and args.name:
         raise UsageError("--name only applies to importing a GGUF file (the default model has its own name)")
+    from llmos.errors import ModelFormatError
+    from llmos.manifest import ModelManifest
+    from system_services.progress import ImportProgress
+
+    if args.path is not None and not Path(args.path).is_file():  # before "importing ...", not after
+        raise ModelFormatError(f"{args.path}: no such model file")
     store = _store(args)
     progress = ImportProgress(sys.stderr)
     t0 = time.monotonic()
