@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from llmos.errors import InvalidSamplingError, LlmosError
 from llmos.precision import PRECISIONS
 from system_services import cli_agents, cli_service, cli_top
-from system_services.cli_service import human_size
+from system_services.cli_service import UsageError, human_size
 from system_services.client import ServiceError
 
 if TYPE_CHECKING:  # the model store pulls in numpy, gguf and onnx: loaded by the commands that use it
@@ -37,10 +37,6 @@ PROG = "llmosctl"
 # D-Bus error names that mean "the caller asked for something wrong": exit 2, like a usage error.
 _BAD_INPUT = frozenset({"InvalidArgument", "NotFound", "ContextOverflow"})
 EXIT_FAILURE, EXIT_USAGE, EXIT_SIGPIPE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 141, 130, 143
-
-
-class UsageError(Exception):
-    """A combination of arguments argparse cannot reject on its own."""
 
 
 class Terminated(BaseException):
@@ -226,6 +222,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = text[:-1]
     if not text.strip():
         raise InvalidSamplingError("the prompt is empty")
+    if args.raw and cli_service.explicit_bus(args):
+        raise UsageError(
+            f"--raw runs the model in this process (llmosd always applies the chat template); "
+            f"drop {cli_service.explicit_bus(args)}"
+        )
     client = None if args.raw else cli_service.service_for(args)
     if client is not None:
         with client:
@@ -328,7 +329,9 @@ def _chat_turns(describe: Callable[[], str]) -> Iterator[str]:
 
 
 def _note_local(args: argparse.Namespace) -> None:
-    if not (args.local or args.store or args.model):
+    if getattr(args, "raw", False) and not args.local:
+        _note("--raw: running the model in this process")
+    elif not (args.local or args.store or args.model):
         _note("llmosd is not running on the system or session bus: running the model in this process")
 
 
@@ -371,9 +374,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
-        width = max(len(k) for k in st)
-        for key in sorted(st):
-            print(f"{key:<{width}}  {st[key]}")
+        for line in cli_service.format_status(st):
+            print(line)
         for line in cli_service.budget_warnings(st):
             print(line)
     return 0
@@ -404,6 +406,15 @@ def _read_turn(interactive: bool) -> str | None:
 
 
 # -- argument parsing ----------------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmos")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument(
@@ -426,9 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=0, metavar="N", help="CPU threads (0 = all cores)"
     )
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats line on stderr")
-    cli_service.add_bus_options(gen)
+    cli_service.add_bus_options(gen, local=True)
 
     parser = argparse.ArgumentParser(prog=PROG, description="Manage and run llmos models.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     st = sub.add_parser("status", help="what llmosd is serving, and how busy it is")
@@ -515,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = argparse.Namespace(usage=parser.format_usage)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would name them under the top-level usage; the command's own is the help
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args) or 0
     except UsageError as e:
         sys.stderr.write(args.usage())

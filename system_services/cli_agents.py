@@ -77,8 +77,6 @@ class AgentService:
 
 @contextlib.contextmanager
 def connected(args: argparse.Namespace) -> Iterator[AgentService]:
-    if getattr(args, "local", False):
-        raise AgentCommandError(f"`{PROG} {args.command}` needs llmosd: agents do not run with --local")
     client = cli_service.service_for(args, required=True)
     assert client is not None
     with client:

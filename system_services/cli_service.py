@@ -22,12 +22,46 @@ from system_services.client import LLMClient, ServiceError
 BUS_NAME = "org.llmos.LLM1"
 
 
-def add_bus_options(parser: argparse.ArgumentParser) -> None:
+class UsageError(Exception):
+    """A combination of arguments argparse cannot reject on its own (exit 2 with the command's usage)."""
+
+
+def add_bus_options(parser: argparse.ArgumentParser, *, local: bool = False) -> None:
+    """--address / --session-bus / --system-bus; `local`: also --local, for the commands that can run
+    the model in this process (generate, chat). Others only talk to llmosd and do not offer it."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--address", metavar="ADDR", help="talk to llmosd on this D-Bus address")
     where.add_argument("--session-bus", action="store_true", help="talk to llmosd on the session bus")
     where.add_argument("--system-bus", action="store_true", help="talk to llmosd on the system bus")
-    where.add_argument("--local", action="store_true", help="run the model in this process, not via llmosd")
+    if local:
+        where.add_argument(
+            "--local", action="store_true", help="run the model in this process, not via llmosd"
+        )
+
+
+def explicit_bus(args: argparse.Namespace) -> str | None:
+    """The bus option given, as typed, or None."""
+    if getattr(args, "address", None):
+        return "--address"
+    for flag in ("session_bus", "system_bus"):
+        if getattr(args, flag, False):
+            return "--" + flag.replace("_", "-")
+    return None
+
+
+def check_served_model(client: LLMClient, args: argparse.Namespace) -> None:
+    """--model/--store choose what an in-process run loads; llmosd serves its one model. Naming another
+    model while talking to llmosd is refused rather than silently ignored."""
+    if getattr(args, "store", None):
+        raise UsageError("--store picks the model store of an in-process run (--local); llmosd uses its own")
+    wanted = getattr(args, "model", None)
+    if wanted:
+        served = client.status().get("model")
+        if wanted != served:
+            raise UsageError(
+                f"llmosd serves {served}, not {wanted}: ask for {served}, or run {wanted} in this "
+                "process with --local"
+            )
 
 
 async def _has_service(bus_type: BusType) -> bool:
@@ -43,12 +77,17 @@ async def _has_service(bus_type: BusType) -> bool:
 
 def service_for(args: argparse.Namespace, *, required: bool = False) -> LLMClient | None:
     """A connected client, or None to run in-process. `required`: an error instead of None."""
-    if getattr(args, "address", None):
-        return LLMClient.connect(address=args.address)
-    if getattr(args, "session_bus", False):
-        return LLMClient.connect(session=True)
-    if getattr(args, "system_bus", False):
-        return LLMClient.connect()
+    if explicit_bus(args):
+        if getattr(args, "address", None):
+            client = LLMClient.connect(address=args.address)
+        else:
+            client = LLMClient.connect(session=bool(getattr(args, "session_bus", False)))
+        try:
+            check_served_model(client, args)
+        except BaseException:
+            client.close()
+            raise
+        return client
     local = getattr(args, "local", False) or getattr(args, "store", None) or getattr(args, "model", None)
     if not local or required:
         for bus_type, session in ((BusType.SYSTEM, False), (BusType.SESSION, True)):
@@ -82,6 +121,45 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def _scalar(key: str, v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    if isinstance(v, int) and key.endswith("_bytes") and v >= 1024:
+        return f"{v} ({human_size(v)})"
+    return str(v)
+
+
+def _inline(v: Any) -> str:
+    """A nested value on one line: k=v pairs, comma-separated items, `none` when empty."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_inline(x)}" for k, x in v.items()) or "none"
+    if isinstance(v, list):
+        return ", ".join(_inline(x) for x in v) or "none"
+    return _scalar("", v)
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    """GetStatus for people: one `key  value` line per field, sizes also in KiB/MiB, and nested
+    tables (apps, sessions by app, device failures) as indented lines, never Python reprs."""
+    width = max((len(k) for k in st), default=0)
+    lines = []
+    for key in sorted(st):
+        v = st[key]
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            lines.append(f"{key:<{width}}  {len(v)}")
+            lines += [f"  {name}: {_inline(row)}" for name, row in sorted(v.items())]
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            lines.append(f"{key:<{width}}  {len(v)}")
+            lines += [f"  {_inline(row)}" for row in v]
+        elif isinstance(v, dict | list):
+            lines.append(f"{key:<{width}}  {_inline(v)}")
+        else:
+            lines.append(f"{key:<{width}}  {_scalar(key, v)}")
+    return lines
 
 
 def budget_warnings(st: dict[str, Any]) -> list[str]:

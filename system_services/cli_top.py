@@ -117,7 +117,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     with client:
         if args.once:
             st = client.status()
-            print(json.dumps(st, indent=2, sort_keys=True) if args.json else "\n".join(render(st)))
+            print(json.dumps(st, sort_keys=True) if args.json else "\n".join(render(st)))  # one line a frame
             return 0
         return _watch(client, args.interval, args.json)
 

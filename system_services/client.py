@@ -19,6 +19,7 @@ request's path can be guessed, so without this check another local user could fe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -159,7 +160,11 @@ class AsyncSession:
         return Answer(answer, self.last_stats)
 
     async def stream(self, text: str, **options: Any) -> AsyncIterator[str]:
-        """Yield text as it is generated; `last_stats` holds the final stats afterwards."""
+        """Yield text as it is generated; `last_stats` holds the final stats afterwards.
+
+        Leaving early (a `break`, an exception, cancellation) cancels the request on llmosd and waits
+        for its `Response`, so the session is free again for the next prompt rather than `Busy` with an
+        answer no one reads."""
         bus = self.client.bus
         token = f"c{next(_tokens)}_{secrets.token_hex(4)}"
         path = f"/org/llmos/LLM1/request/{bus.unique_name.lstrip(':').replace('.', '_')}/{token}"
@@ -171,6 +176,8 @@ class AsyncSession:
             return None
 
         bus.add_message_handler(on_message)  # before the call: no chunk can slip by
+        reply: Message | None = None
+        finished = False
         try:
             reply = await self.client.call_reply(
                 self.path,
@@ -187,6 +194,7 @@ class AsyncSession:
                 if member == "Chunk":
                     yield body[0]
                 elif member == "Response":
+                    finished = True
                     code, results = body
                     self.last_stats = _plain(results)
                     if code != 0:
@@ -196,7 +204,23 @@ class AsyncSession:
                         )
                     return
         finally:
-            bus.remove_message_handler(on_message)
+            try:
+                if reply is not None and not finished:
+                    await asyncio.shield(self._cancel(path, queue, reply.sender))
+            finally:
+                bus.remove_message_handler(on_message)
+
+    async def _cancel(self, path: str, queue: asyncio.Queue[Message], daemon: str | None) -> None:
+        """Cancel an unfinished streamed request and wait (briefly) for its Response."""
+        with contextlib.suppress(ServiceError):
+            await self.client.call(path, REQUEST_IFACE, "Cancel")
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(5):
+                while True:
+                    msg = await queue.get()
+                    if msg.sender == daemon and msg.member == "Response":
+                        self.last_stats = _plain(msg.body[1])
+                        return
 
     async def clone(self) -> AsyncSession:
         (path,) = await self.client.call(self.path, SESSION_IFACE, "Clone")
@@ -274,15 +298,26 @@ class Session:
         return self._client._run(self._inner.prompt(text, **options))
 
     def stream(self, text: str, **options: Any) -> Iterator[str]:
+        """Text as it is generated. Ctrl-C (KeyboardInterrupt) or leaving the loop early cancels the
+        request: the pending step is cancelled first, so the stream closes cleanly (cancelling on
+        llmosd) instead of failing with "asynchronous generator is already running"."""
+        loop = self._client._loop
         agen = self._inner.stream(text, **options)
         try:
             while True:
+                step = loop.create_task(agen.__anext__())
                 try:
-                    yield self._client._run(agen.__anext__())
+                    yield loop.run_until_complete(step)
                 except StopAsyncIteration:
                     return
+                except BaseException:
+                    if not step.done():  # interrupted while waiting: cancel inside the generator
+                        step.cancel()
+                        with contextlib.suppress(BaseException):
+                            loop.run_until_complete(step)
+                    raise
         finally:
-            self._client._run(agen.aclose())
+            loop.run_until_complete(agen.aclose())
 
     def clone(self) -> Session:
         return Session(self._client, self._client._run(self._inner.clone()))

@@ -297,11 +297,14 @@ def test_a_cron_job_in_a_time_zone_is_listed_with_its_next_run(bus: PrivateBus, 
 
 
 # -- no daemon needed ----------------------------------------------------------------------------------
-def test_local_is_refused_because_agents_run_in_llmosd() -> None:
+def test_local_is_not_offered_because_agents_run_in_llmosd() -> None:
     r = subprocess.run(
         [sys.executable, *CLI, "agents", "--local"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
-    assert_one_error(r, 2, "needs llmosd")
+    assert_one_error(r, 2, "unrecognized arguments: --local")
+    assert "--local" not in subprocess.run(
+        [sys.executable, *CLI, "run", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+    ).stdout
 
 
 def test_steps_and_triggers_read_well() -> None:

@@ -306,6 +306,77 @@ def test_llmosctl_status_generate_and_chat_go_through_the_service(bus: PrivateBu
     assert "Traceback" not in down.stderr
 
 
+def _interrupt_after_first_output(proc: subprocess.Popen[str]) -> None:
+    """Wait for the answer to start streaming, then press Ctrl-C (SIGINT), as a user would."""
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)
+    assert first, "no answer started streaming"
+    proc.send_signal(signal.SIGINT)
+
+
+def test_llmosctl_ctrl_c_stops_the_answer_in_one_line_and_chat_goes_on(
+    bus: PrivateBus, daemon: Daemon
+) -> None:
+    cmd = [sys.executable, "-m", "system_services.cli"]
+    root = Path(__file__).parent.parent
+    gen = subprocess.Popen(
+        [*cmd, "generate", "--address", bus.address, "--max-tokens", "3500", "Tell me a long story"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    _interrupt_after_first_output(gen)
+    _, err = gen.communicate(timeout=60)
+    assert gen.returncode == 130 and err == "llmosctl: error: interrupted\n", err
+
+    chat = subprocess.Popen(
+        [*cmd, "chat", "--address", bus.address, "--max-tokens", "3500"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    assert chat.stdin is not None
+    chat.stdin.write("Tell me a long story\n")
+    chat.stdin.flush()
+    _interrupt_after_first_output(chat)
+    time.sleep(0.5)
+    _, err = chat.communicate("/reset\nSay hi\n", timeout=120)
+    assert chat.returncode == 0, err
+    assert "(answer interrupted)" in err and "Traceback" not in err and "RuntimeError" not in err, err
+    assert sum("via llmosd" in line for line in err.splitlines()) == 1  # the next question was answered
+    with LLMClient.connect(address=bus.address) as llm:
+        assert llm.status()["active_requests"] == 0  # the interrupted answers were cancelled
+
+
+def test_llmosctl_refuses_options_that_mean_nothing_through_the_daemon(
+    bus: PrivateBus, daemon: Daemon
+) -> None:
+    other = _llmosctl("generate", "--address", bus.address, "-m", "NoSuchModel", "Hi")
+    assert other.returncode == 2 and "llmosd serves" in other.stderr and "NoSuchModel" in other.stderr
+    raw = _llmosctl("generate", "--raw", "--address", bus.address, "Hi")
+    assert raw.returncode == 2 and "--raw runs the model in this process" in raw.stderr
+    assert "usage: llmosctl generate" in _llmosctl("generate", "--bogus", "Hi").stderr
+    local = _llmosctl("status", "--local")
+    assert local.returncode == 2 and "unrecognized arguments: --local" in local.stderr
+    version = _llmosctl("--version")
+    assert version.returncode == 0 and version.stdout.startswith("llmosctl ")
+    status = _llmosctl("status", "--address", bus.address)
+    assert status.returncode == 0 and "{" not in status.stdout and "[" not in status.stdout, status.stdout
+
+
+def test_breaking_out_of_a_stream_cancels_it_and_frees_the_session(bus: PrivateBus, daemon: Daemon) -> None:
+    with LLMClient.connect(address=bus.address) as llm:
+        chat = llm.create_session()
+        for _ in chat.stream("Tell me a long story", max_tokens=3000, ignore_eos=True):
+            break
+        assert chat.last_stats["error_name"] == "org.llmos.Error.Cancelled"  # Cancel reached llmosd
+        assert chat.prompt("Hi", max_tokens=3).stats["tokens_out"] <= 3  # not Busy
+        assert llm.status()["active_requests"] == 0
+
+
 def test_the_client_library_blocking_api(bus: PrivateBus, daemon: Daemon) -> None:
     with LLMClient.connect(address=bus.address) as llm:
         assert llm.status()["state"] == "ready"
