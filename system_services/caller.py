@@ -23,6 +23,9 @@ current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar
 
 _FLATPAK_SCOPE = re.compile(r"app-flatpak-([A-Za-z0-9_.\-]+?)-\d+\.scope")
 _SNAP_SCOPE = re.compile(r"snap\.([A-Za-z0-9_\-]+)\.")
+_APP_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
+# Interpreters whose executable names a language, not an app: the script they run names the app.
+_INTERPRETER = re.compile(r"(python|pypy|perl|ruby|node|nodejs|gjs|lua|bash|dash|sh|zsh)[0-9.]*")
 
 
 def install_caller_tracking(bus: Any) -> None:
@@ -55,16 +58,66 @@ class Caller:
 
 
 def app_id_from_cgroup(cgroup: str) -> str | None:
-    """The app a /proc/PID/cgroup text names: a Flatpak app scope, or a snap; None for anything else."""
+    """The app a /proc/PID/cgroup text names: a Flatpak app scope, a snap, or the systemd unit a desktop
+    launched the app in; None for anything else (a login session, a system service, a terminal's shell
+    outside any app unit)."""
     if m := _FLATPAK_SCOPE.search(cgroup):
         return m.group(1)
     if m := _SNAP_SCOPE.search(cgroup):
         return f"snap.{m.group(1)}"
+    for line in cgroup.splitlines():
+        if app := app_id_from_unit(line.rsplit("/", 1)[-1]):
+            return app
+    return None
+
+
+def app_id_from_unit(unit: str) -> str | None:
+    """The application id in the unit name desktops start apps in (systemd's desktop-environment
+    convention): `app[-<launcher>]-<app id>-<random>.scope` or `app[-<launcher>]-<app id>[@<random>].service`,
+    with `-` inside the app id escaped as `\\x2d`. None for any other unit."""
+    if not unit.startswith("app-"):
+        return None
+    if unit.endswith(".scope"):
+        body, sep, _random = unit[4:-6].rpartition("-")  # a scope's random suffix is required
+        if not sep:
+            return None
+    elif unit.endswith(".service"):
+        body = unit[4:-8].split("@", 1)[0]
+    else:
+        return None
+    parts = body.split("-")
+    if len(parts) > 2 or not parts[-1]:
+        return None
+    app = parts[-1].replace("\\x2d", "-")
+    return app if _APP_ID.fullmatch(app) else None
+
+
+def _script_of(pid: int) -> str | None:
+    """What an interpreter runs: `python3 notes.py` is notes.py, `python3 -m pkg.tool` is pkg.tool,
+    llmosctl's console script is llmosctl; None for `-c` code or an interactive interpreter."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(65536).split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode("utf-8", "replace") for a in argv[1:] if a]
+    for i, a in enumerate(args):
+        if a == "-m" and i + 1 < len(args):
+            name = args[i + 1]
+        elif a.startswith("-"):
+            if a in ("-c", "-e", "--eval"):
+                return None
+            continue
+        else:
+            name = os.path.basename(a)
+        return name if _APP_ID.fullmatch(name) else None
     return None
 
 
 def app_id_for_pid(pid: int | None) -> str:
-    """Flatpak app id, else snap name, else the executable's name; "unknown" when /proc tells nothing."""
+    """Flatpak app id, else snap name, else the desktop's app unit, else the executable's name (for an
+    interpreter, the script it runs); "unknown" when /proc tells nothing. Only the first two are set by
+    a sandbox the app cannot leave; the others are names a program can choose (docs/dbus-api.md)."""
     if pid is None:
         return "unknown"
     info = f"/proc/{pid}/root/.flatpak-info"
@@ -81,9 +134,11 @@ def app_id_for_pid(pid: int | None) -> str:
     except OSError:
         pass
     try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")) or "unknown"
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
-        pass
+        exe = ""
+    if exe:
+        return (_script_of(pid) if _INTERPRETER.fullmatch(exe) else None) or exe
     try:  # another user's exe link is unreadable to the llmos user; the process name is not
         with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
             return f.read().strip() or "unknown"
