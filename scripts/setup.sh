@@ -21,6 +21,7 @@ if [[ ",$extras," == *",test,"* ]]; then  # tests/test_packaging.py drives the r
   command -v gdbus >/dev/null 2>&1 || missing+=(libglib2.0-bin)
   command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
   command -v pkcheck >/dev/null 2>&1 || missing+=(polkitd)  # polkitd, pkaction, pkcheck
+  command -v groff >/dev/null 2>&1 || missing+=(groff-base)  # tests/test_cli_docs.py renders the man pages
 fi
 if ((${#missing[@]})); then
   sudo=""

@@ -290,10 +290,12 @@ class Daemon:
         self.bus.add_message_handler(on_message)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """llmosd's command line (also read by scripts/gen_cli_docs.py for its man page)."""
     p = argparse.ArgumentParser(
         prog="llmosd", description="Serve the llmos model on D-Bus as org.llmos.LLM1."
     )
+    p.add_argument("--version", action="version", version=f"llmosd {_version()}")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--system", action="store_true", help="the system bus (the default under systemd)")
     where.add_argument("--session", action="store_true", help="the session bus (development)")
@@ -305,7 +307,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", type=Path, help="model store root")
     p.add_argument("--threads", type=int, help="CPU threads for inference (default: all)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmos")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "(not installed)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def store_root_for(args: argparse.Namespace, config: DaemonConfig) -> Path | None:
