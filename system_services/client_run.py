@@ -110,6 +110,11 @@ def run_options(options: dict[str, Any]) -> dict[str, Variant]:
     return out
 
 
+def new_token() -> str:
+    """A handle token unique among this connection's runs."""
+    return f"r{next(_tokens)}_{secrets.token_hex(4)}"
+
+
 def _owner_watch(name: str) -> str:
     return (
         "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
@@ -120,7 +125,7 @@ def _owner_watch(name: str) -> str:
 async def follow_run(client: AsyncLLMClient, goal: str, options: dict[str, Any]) -> AsyncIterator[RunEvent]:
     """Start a run and yield its events until its result (see the module's docstring)."""
     bus = client.bus
-    token = f"r{next(_tokens)}_{secrets.token_hex(4)}"
+    token = new_token()
     path = f"{AGENT_PATH}/task/{bus.unique_name.lstrip(':').replace('.', '_')}/{token}"
     queue: asyncio.Queue[Message] = asyncio.Queue()
     daemon: list[str] = []  # llmosd's unique name, once Run answered
