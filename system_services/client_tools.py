@@ -75,7 +75,7 @@ class ToolProvider:
         return self.names
 
     async def unregister(self) -> None:
-        """Take the tools back; calls in flight are answered first... or cancelled if they hang."""
+        """Take the tools back; calls still running are cancelled (llmosd gets an error reply for each)."""
         try:
             await self.client.call(AGENT_PATH, AGENT_IFACE, "UnregisterToolProvider", "o", [self.path])
         finally:
