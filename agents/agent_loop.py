@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.call_budget import call_budget
+from agents.step_draft import partial_arguments
 from agents.tool_format import ANSWER_CHARS, JSON_STEPS, InvalidStepError, StepCutError, ToolCallFormat
 from agents.tools import Tool
 
@@ -30,10 +31,12 @@ class CallTooLargeError(InvalidStepError):
 # that tool results are data.
 INSTRUCTIONS = "You are an assistant that can use tools."
 
-# generate(messages, json_schema or None, *, grammar=None, tools=None, grammar_tokens=None, **sampling)
-# -> text: `grammar` constrains instead of a schema, `tools` go to the chat template, `grammar_tokens`
-# is the most tokens the constraint admits (the largest call: the step may take that many, past the run's
-# max_tokens), sampling overrides e.g. repetition_penalty or a lower max_tokens
+# generate(messages, json_schema or None, *, grammar=None, tools=None, grammar_tokens=None, step=None,
+# **sampling) -> text: `grammar` constrains instead of a schema, `tools` go to the chat template,
+# `grammar_tokens` is the most tokens the constraint admits (the largest call: the step may take that many,
+# past the run's max_tokens), `step` the number of the step the text becomes, in the run's tool format (so
+# the daemon can stream it as it is written), sampling overrides e.g. repetition_penalty or a lower
+# max_tokens
 Generate = Callable[..., Awaitable[str]]
 CallTool = Callable[[Tool, dict[str, Any]], Awaitable[Any]]  # -> the result (a JSON value)
 
@@ -53,7 +56,10 @@ class Step:
     def to_json(self) -> str:
         d: dict[str, Any] = {"step": self.number}
         if self.partial is not None:
-            d.update(tool=self.tool, partial=self.partial, cut=True)
+            d.update(tool=self.tool, arguments_text=partial_arguments(self.partial))
+            if self.arguments:  # whole, but at a lowered cap: a value may have been cut short
+                d["arguments"] = self.arguments
+            d.update(partial=self.partial, cut=True)
         elif self.tool is not None:
             d.update(tool=self.tool, arguments=self.arguments, observation=self.observation)
         elif self.answer is not None:
@@ -124,6 +130,7 @@ async def run_agent(
             spec.json_schema if constrained else None,
             grammar=spec.grammar if constrained else None,
             tools=template_tools,
+            step=number + 1,  # the step this text becomes: the daemon streams it to the run's owner
             **({"grammar_tokens": tokens} if tokens > max_step_tokens else {}),
         )
         number += 1

@@ -282,7 +282,8 @@ class HermesToolCalls:
         return _checked({"tool": call.get("name"), "arguments": call.get("arguments")}, tools)
 
     def cut_answer(self, text: str) -> str | None:
-        return None if text.lstrip().startswith(self.OPEN.strip()) else text.strip()
+        # an answer never starts with "<" (its grammar): such a text is a call, its tag maybe unfinished
+        return None if text.lstrip().startswith("<") else text.strip()
 
     def call_overhead(self, tool: Tool) -> int:
         markup = self.OPEN + '{"name": , "arguments": }' + self.CLOSE

@@ -25,6 +25,7 @@ from llmos.tokenizer import Tokenizer
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import CancelledByDaemon, Job
 from system_services.options import RequestOptions, parse_options
+from system_services.step_stream import StepStream
 from system_services.system_tools import SYSTEM_OWNER, SYSTEM_TOOL_NAMES
 
 TOOL_TIMEOUT_S = 20.0
@@ -204,6 +205,7 @@ class AgentRun:
         self.daemon, self.agent, self.goal, self.tools = daemon, agent, goal, tools
         self.settings, self.app_id, self.uid, self.owner = settings, app_id, uid, owner
         self._job: Job | None = None  # the generation in flight, cancelled with the run
+        self._stream: StepStream | None = None  # where steps go as they are written (a caller's run)
         self._specials = special_texts(daemon.model.tokenizer)  # markup text that must stay plain
 
     def steps(self) -> AsyncIterator[Step]:
@@ -229,8 +231,10 @@ class AgentRun:
         )
         return self.agent.steps(ctx)
 
-    async def execute(self, on_step: Callable[[Step], None]) -> RunOutcome:
-        """Run to the end, handing each step to `on_step`; every way of ending is an outcome."""
+    async def execute(self, on_step: Callable[[Step], None], stream: StepStream | None = None) -> RunOutcome:
+        """Run to the end, handing each step to `on_step` (and, with `stream`, each step's text as the
+        model writes it); every way of ending is an outcome."""
+        self._stream = stream
         steps = 0
         try:
             async for step in self.steps():
@@ -267,13 +271,14 @@ class AgentRun:
         grammar: str | None = None,
         tools: list[dict[str, Any]] | None = None,
         grammar_tokens: int | None = None,
+        step: int | None = None,
         **sampling: Any,
     ) -> str:
         """One generation; an agent may override sampling (e.g. repetition_penalty) but never take more
         tokens than the caller gave each step, except `grammar_tokens`: the most a bounded constraint
         admits (a step that may call a tool: its largest call), up to what any request may ask for
         ([limits] max_tokens), so the call always ends. With `tools`, the model's chat template renders
-        them."""
+        them. With `step`, the text is that step in the run's tool format, streamed to the caller."""
         d = self.daemon
         prompt: Any
         prompt, tools = plain_prompt(messages, tools, self._specials)
@@ -294,6 +299,9 @@ class AgentRun:
                 merged["max_tokens"] = max(merged["max_tokens"], most)
             request = replace(request, params=SamplingParams.of(**merged))
         job = d.job(prompt, replace(request, json_schema=schema), (self.app_id, self.uid))
+        stream = self._stream if step is not None else None
+        if stream is not None:
+            job.on_delta = stream.begin(step)
         self._job = job
         try:
             if self.owner is None:
@@ -302,6 +310,8 @@ class AgentRun:
                 result = await d.run_for_caller(job, self.owner)
         finally:
             self._job = None
+            if stream is not None:
+                stream.end()
         return Reply(result.text, FinishReason(result.finish_reason).value)
 
     async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:

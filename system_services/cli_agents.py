@@ -65,7 +65,7 @@ class AgentService:
         self.inner: AsyncLLMClient = client.aio
 
     def run(self, coro: Any) -> Any:
-        return self._client.run(coro)
+        return self._client.run_coroutine(coro)
 
     def call(self, member: str, sig: str = "", body: list[Any] | None = None) -> Any:
         return self.run(self.inner.call(AGENT_PATH, AGENT_IFACE, member, sig, body))

@@ -1,15 +1,20 @@
 """Client library for apps: talk to llmosd over D-Bus, async or blocking.
 
-    from system_services.client import LLMClient
+    from system_services.client import LLMClient, TextDelta, RunResult
     with LLMClient.connect() as llm:                    # system bus, or session=True / address=...
         print(llm.generate("Hello", max_tokens=32).text)
         chat = llm.create_session(system_prompt="Be brief.")
         for piece in chat.stream("Tell me a joke"):       # only this process receives the chunks
             print(piece, end="", flush=True)
+        llm.register_tools([get_weather])                 # typed functions with docstrings: tool_schema.py
+        for event in llm.run("Weather in Oslo?"):         # a run's events as they happen: client_run.py
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
 
-Errors from the service arrive as `ServiceError` with the D-Bus error name (org.llmos.Error.*) and its
-message. Streaming follows the service's request pattern: the client picks the handle token, subscribes
-to its request path, then calls PromptStream, so no chunk can be missed.
+Errors from the service arrive as `ServiceError` subclasses named after the D-Bus error
+(`NotFoundError` for org.llmos.Error.NotFound, ...: client_errors.py), with its message. Streaming
+follows the service's request pattern: the client picks the handle token, subscribes to its request path,
+then calls PromptStream (or Agent1.Run), so no chunk can be missed.
 
 Signals are taken only from llmosd itself: the unique name that answered the call that started the
 stream (the owner of org.llmos.LLM1). The bus lets any connection send a signal to any other, and a
@@ -21,13 +26,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+
+from system_services.bus_driver import driver_call
+from system_services.client_errors import (
+    AccessDeniedError,
+    BusyError,
+    CallCutError,
+    ContextOverflowError,
+    FailedError,
+    InvalidArgumentError,
+    ModelUnavailableError,
+    NotFoundError,
+    QuotaExceededError,
+    RequestCancelledError,
+    ServiceError,
+    service_error,
+)
+from system_services.client_run import (
+    AGENT_IFACE,
+    AGENT_PATH,
+    CallStarted,
+    PartialCall,
+    RunEvent,
+    RunResult,
+    StepNote,
+    TextDelta,
+    ToolResult,
+    follow_run,
+)
+from system_services.client_tools import ToolError, ToolProvider
+from system_services.tool_schema import ToolDefinitionError, tool_entry
 
 BUS_NAME, PATH = "org.llmos.LLM1", "/org/llmos/LLM1"
 LLM_IFACE, SESSION_IFACE, REQUEST_IFACE = "org.llmos.LLM1", "org.llmos.Session1", "org.llmos.Request1"
@@ -46,14 +82,6 @@ _TYPES = {
     "json_schema": "s",  # JSON text; the answer is JSON valid against it
 }
 _tokens = itertools.count(1)
-
-
-class ServiceError(Exception):
-    """An error reply from llmosd (or the bus): `name` is the D-Bus error name."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{message} ({name})")
-        self.name, self.message = name, message
 
 
 @dataclass(frozen=True)
@@ -125,8 +153,17 @@ class AsyncLLMClient:
         except (OSError, EOFError) as e:  # the bus itself went away (dbus-daemon stopped or restarted)
             raise ServiceError("org.freedesktop.DBus.Error.Disconnected", f"lost the bus: {e}") from None
         if reply.message_type == MessageType.ERROR:
-            raise ServiceError(reply.error_name or "unknown", reply.body[0] if reply.body else "")
+            raise service_error(reply.error_name or "unknown", reply.body[0] if reply.body else "")
         return reply
+
+    async def driver(self, member: str, rule: str) -> None:
+        """A call to the bus itself taking one string (AddMatch, RemoveMatch)."""
+        try:
+            reply = await self.bus.call(driver_call(member, "s", [rule]))
+        except (OSError, EOFError) as e:
+            raise ServiceError("org.freedesktop.DBus.Error.Disconnected", f"lost the bus: {e}") from None
+        if reply is not None and reply.message_type == MessageType.ERROR:
+            raise ServiceError(reply.error_name or "unknown", reply.body[0] if reply.body else "")
 
     async def status(self) -> dict[str, Any]:
         (st,) = await self.call(PATH, LLM_IFACE, "GetStatus")
@@ -145,6 +182,37 @@ class AsyncLLMClient:
             PATH, LLM_IFACE, "CreateSession", "a{sv}", [to_options({"system_prompt": system_prompt})]
         )
         return AsyncSession(self, path)
+
+    # -- agents (org.llmos.Agent1) -------------------------------------------------------------------
+    async def register_tools(
+        self, functions: Sequence[Callable[..., Any]], *, shared: bool = False, path: str | None = None
+    ) -> ToolProvider:
+        """Offer typed Python functions as tools to this app's runs (and, `shared`, to the same user's
+        other apps' runs): their schemas come from their type hints and docstrings (tool_schema.py);
+        this connection answers the calls, sync functions on a thread. Registering a name again replaces
+        it. The tools go when `unregister` is awaited or this client closes."""
+        where = path or f"/org/llmos/client/tools{next(_tokens)}"
+        provider = ToolProvider(self, where, functions)
+        await provider.register(shared=shared)
+        return provider
+
+    def run(self, goal: str, **options: Any) -> AsyncIterator[RunEvent]:
+        """Start an agent run and yield its events as they happen: TextDelta, CallStarted, ToolResult,
+        StepNote, PartialCall, then RunResult. Options: agent, max_steps, tool_choice, system_tools,
+        max_tokens, temperature, ... (dbus-api.md, Run). A failed run raises its named error
+        (CallCutError for a call cut short). Leaving early cancels the run; use
+        `contextlib.aclosing(client.run(...))` to have that happen at once rather than when the
+        iterator is collected."""
+        return follow_run(self, goal, options)
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        """The tools a run started by this client may use (its own, shared ones, system tools)."""
+        (text,) = await self.call(AGENT_PATH, AGENT_IFACE, "ListTools")
+        return json.loads(text)
+
+    async def list_agents(self) -> dict[str, Any]:
+        (text,) = await self.call(AGENT_PATH, AGENT_IFACE, "ListAgents")
+        return json.loads(text)
 
 
 class AsyncSession:
@@ -198,7 +266,7 @@ class AsyncSession:
                     code, results = body
                     self.last_stats = _plain(results)
                     if code != 0:
-                        raise ServiceError(
+                        raise service_error(
                             self.last_stats.get("error_name", "org.llmos.Error.Failed"),
                             self.last_stats.get("error_message", "the request failed"),
                         )
@@ -254,7 +322,7 @@ class LLMClient:
         """The asyncio client underneath, for interfaces this blocking face does not wrap (Agent1)."""
         return self._inner
 
-    def run(self, coro: Any) -> Any:
+    def run_coroutine(self, coro: Any) -> Any:
         """Run a coroutine of `aio` on this client's event loop and return its result."""
         return self._run(coro)
 
@@ -280,6 +348,45 @@ class LLMClient:
 
     def create_session(self, system_prompt: str | None = None) -> Session:
         return Session(self, self._run(self._inner.create_session(system_prompt)))
+
+    def register_tools(
+        self, functions: Sequence[Callable[..., Any]], *, shared: bool = False, path: str | None = None
+    ) -> Tools:
+        """As AsyncLLMClient.register_tools. The calls are answered while this client's event loop runs:
+        during `run()` (or any other call), which is when a run calls them."""
+        return Tools(self, self._run(self._inner.register_tools(functions, shared=shared, path=path)))
+
+    def run(self, goal: str, **options: Any) -> Iterator[RunEvent]:
+        """As AsyncLLMClient.run; breaking out of the loop cancels the run before it returns."""
+        agen = self._inner.run(goal, **options)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    def list_tools(self) -> list[dict[str, Any]]:
+        return self._run(self._inner.list_tools())
+
+    def list_agents(self) -> dict[str, Any]:
+        return self._run(self._inner.list_agents())
+
+
+class Tools:
+    """Tools registered through a blocking LLMClient."""
+
+    def __init__(self, client: LLMClient, provider: ToolProvider) -> None:
+        self._client, self.provider = client, provider
+
+    @property
+    def names(self) -> list[str]:
+        return self.provider.names
+
+    def unregister(self) -> None:
+        self._client._run(self.provider.unregister())
 
 
 class Session:
@@ -324,3 +431,35 @@ class Session:
 
     def close(self) -> None:
         self._client._run(self._inner.close())
+
+
+__all__ = [
+    "AccessDeniedError",
+    "Answer",
+    "AsyncLLMClient",
+    "AsyncSession",
+    "BusyError",
+    "CallCutError",
+    "CallStarted",
+    "ContextOverflowError",
+    "FailedError",
+    "InvalidArgumentError",
+    "LLMClient",
+    "ModelUnavailableError",
+    "NotFoundError",
+    "PartialCall",
+    "QuotaExceededError",
+    "RequestCancelledError",
+    "RunEvent",
+    "RunResult",
+    "ServiceError",
+    "Session",
+    "StepNote",
+    "TextDelta",
+    "ToolDefinitionError",
+    "ToolError",
+    "ToolProvider",
+    "ToolResult",
+    "Tools",
+    "tool_entry",
+]

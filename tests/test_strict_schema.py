@@ -584,6 +584,7 @@ def test_a_call_cut_short_is_a_named_step_and_never_made() -> None:
     assert json.loads(step.to_json()) == {
         "step": 1,
         "tool": "send",
+        "arguments_text": '{"to": "Bob", "text": "I am la',  # the call by name, as far as it got
         "partial": '{"tool": "send", "arguments": {"to": "Bob", "text": "I am la',
         "cut": True,
     }
