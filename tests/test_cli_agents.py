@@ -302,9 +302,10 @@ def test_local_is_not_offered_because_agents_run_in_llmosd() -> None:
         [sys.executable, *CLI, "agents", "--local"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert_one_error(r, 2, "unrecognized arguments: --local")
-    assert "--local" not in subprocess.run(
+    run_help = subprocess.run(
         [sys.executable, *CLI, "run", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
-    ).stdout
+    )
+    assert "--local" not in run_help.stdout
 
 
 def test_steps_and_triggers_read_well() -> None:
