@@ -248,7 +248,11 @@ def task_path(unique_name: str, token: str) -> str:
 
 
 async def run_task(
-    agent: AsyncLLMClient, goal: str, options: dict[str, Variant], on_step: Callable[[dict[str, Any]], None]
+    agent: AsyncLLMClient,
+    goal: str,
+    options: dict[str, Variant],
+    on_step: Callable[[dict[str, Any]], None],
+    on_text: Callable[[int, str], None] | None = None,
 ) -> tuple[int, dict[str, Any], int | None]:
     """Start a run and follow it to its Result: (code, results, exit status if a signal stopped it);
     the code is RESULT_UNKNOWN if the daemon did not confirm a cancellation in time.
@@ -324,6 +328,8 @@ async def run_task(
                 continue
             if event.member == "Step":
                 on_step(json.loads(event.body[0]))
+            elif event.member == "StepText" and on_text is not None:
+                on_text(int(event.body[0]), str(event.body[1]))
             elif event.member == "Result":
                 code, results = event.body
                 return code, {k: v.value for k, v in results.items()}, (stopped_by or [None])[0]
@@ -355,14 +361,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     goal = _read_text(args.goal)
     options = {"agent": Variant("s", args.agent), **run_options(args)}
 
+    streamed: list[str] = []  # the answer text as it arrives (Task1.StepText), written to stdout at once
+
+    def on_text(_step: int, delta: str) -> None:
+        streamed.append(delta)
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
     def on_step(step: dict[str, Any]) -> None:
         if args.json:
             print(_compact(step), flush=True)
-        else:
-            _note(describe_step(step))
+            return
+        if streamed and not "".join(streamed).endswith("\n"):
+            sys.stdout.write("\n")  # end the streamed line before the step's note
+            sys.stdout.flush()
+        _note(describe_step(step))
 
     with connected(args) as svc:
-        code, results, stopped = svc.run(run_task(svc.inner, goal, options, on_step))
+        code, results, stopped = svc.run(
+            run_task(svc.inner, goal, options, on_step, None if args.json else on_text)
+        )
     if args.json and code != RESULT_UNKNOWN:
         print(_compact({"code": code, **results}), flush=True)
     if stopped is not None:
@@ -370,8 +388,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _error(f"{how}: the run was cancelled" if code == RESULT_CANCELLED else how)
         return stopped
     if code == RESULT_OK:
-        if not args.json:
-            answer = results.get("answer", "")
+        answer = results.get("answer", "")
+        if not args.json and "".join(streamed).strip() != answer.strip():  # not already on the screen
             sys.stdout.write(answer if answer.endswith("\n") else answer + "\n")
             sys.stdout.flush()
         return 0

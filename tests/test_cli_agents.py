@@ -160,6 +160,23 @@ def test_run_the_summarizer_on_stdin_shows_its_steps_and_prints_the_answer(
     assert step_lines[-1]["answer"] == result["answer"]
 
 
+def test_run_streams_the_answer_as_it_is_written_and_prints_it_once(bus: PrivateBus, daemon: Daemon) -> None:
+    r = subprocess.run(  # stdout and stderr in one stream, in the order the user sees them
+        [sys.executable, *CLI, "run", "Write two sentences about the sea.", "--address", bus.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stdout
+    text, _, note = r.stdout.rstrip("\n").rpartition("\n")
+    assert note == "step 1: answers", r.stdout  # the note follows the text: it was streamed before
+    assert text.strip() and "step 1" not in text, r.stdout
+    first_words = text.split()[:4]
+    assert r.stdout.count(" ".join(first_words)) == 1, r.stdout  # not printed again at the end
+
+
 def test_run_shows_a_tool_call_with_its_arguments_and_result(
     tmp: Path, bus: PrivateBus, daemon: Daemon
 ) -> None:
