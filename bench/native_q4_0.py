@@ -1,4 +1,4 @@
-"""Decode speed of a Q4_0 model: llmos with its native Q4_0 op, llmos on MatMulNBits, and llama.cpp.
+"""Decode speed of a GGUF model: llmos with its native ops, llmos on MatMulNBits, and llama.cpp.
 
 The same GGUF (default: the synthetic 0.5B Q4_0 llama of ~/.cache/llmos/bench/synthetic) is imported
 twice, once with the op's library (Q4_0 matrices on llmos.gguf's GgufMatMulQ4_0x16) and once with
@@ -99,12 +99,16 @@ def main() -> None:
         )
     store = ModelStore(STORE)
     missing = str(STORE / "no-such-library.so")
-    models = {"llmos + native op": store.import_gguf(args.gguf, name="q4_0-native")}
+    models = {"llmos + native op": store.import_gguf(args.gguf, name=f"{args.gguf.stem}-native")}
     os.environ[native_ops.ENV] = missing
-    models["llmos, MatMulNBits"] = store.import_gguf(args.gguf, name="q4_0-nbits")
+    models["llmos, MatMulNBits"] = store.import_gguf(args.gguf, name=f"{args.gguf.stem}-nbits")
     del os.environ[native_ops.ENV]
     assert ModelManifest.read(models["llmos + native op"]).custom_op_domains == [native_ops.DOMAIN]
     assert ModelManifest.read(models["llmos, MatMulNBits"]).custom_op_domains == []
+    gguf_size = args.gguf.stat().st_size
+    for e, d in models.items():
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        print(f"{e:20s} on disk {size / 2**20:7.1f} MiB = {size / gguf_size:.3f}x the GGUF", flush=True)
     prompt_ids = Tokenizer.load(models["llmos, MatMulNBits"]).encode(PROMPT)
     print(
         f"{args.gguf.name}: prompt {len(prompt_ids)} tokens, {NEW_TOKENS} greedy tokens, "

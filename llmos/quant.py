@@ -40,8 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import TensorInfo
@@ -209,6 +209,24 @@ def dequantize(t: TensorInfo) -> np.ndarray:
     except NotImplementedError as e:
         raise UnsupportedModelError(f"tensor {t.name}: type {t.qtype.name} cannot be dequantized") from e
     return np.ascontiguousarray(w.reshape(t.shape), dtype=np.float32)
+
+
+def dequantize_rows(qtype: Q, raw: np.ndarray) -> np.ndarray:
+    """float32 [n, K] of `n` raw GGUF rows of one type ([n, K/block * bytes per block]): the rows an
+    embedding lookup reads from a table kept in the file's own bytes (llmos.gguf_layouts.gguf_rows)."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    block, size = GGML_QUANT_SIZES[qtype]
+    n, row_bytes = raw.shape
+    if row_bytes % size:
+        raise UnsupportedModelError(f"{row_bytes} bytes per row are not whole {qtype.name} blocks")
+    t = TensorInfo(name="rows", qtype=qtype, shape=(n, row_bytes // size * block), data=raw)
+    b = int_blocks(t)
+    if b is None:
+        return dequantize(t)
+    w = b.s[..., None] * b.q.astype(np.float32)
+    if b.o is not None:
+        w += b.o[..., None]
+    return w.reshape(t.shape)
 
 
 def source_bits(t: TensorInfo) -> int:

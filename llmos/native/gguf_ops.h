@@ -7,7 +7,7 @@
 //   T::QK      weights per block of one row in the GGUF (32, or 256 for K-quants)
 //   T::BLK     bytes per block of one row in the GGUF (the x16 layout keeps the GGUF's bytes per block)
 //   T::gemv_x16(G, nb, x, y, pf)  y[0..15] = the 16 rows of group G (nb blocks of 16*BLK bytes each)
-//              against one activation row x (int8 per 32 weights: x.q, x.d[K/32], x.s[K/32]); pf: bytes
+//              against one activation row x (int8 per 32 weights: x.q, x.d, x.s, x.h per 32); pf: bytes
 //              to prefetch alongside (the same offset in a group ahead)
 // The weights input B is uint8 [N, K/QK*BLK]: the GGUF's rows regrouped 16 at a time by
 // llmos/gguf_layouts.py, nothing re-rounded. Inputs: A float [..., K], B; output Y float [..., N].
@@ -20,7 +20,12 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+// GCC 12 flags its own AVX-512 headers' _mm512_undefined_*() (`__Y = __Y`) as maybe-uninitialized
+// wherever they are inlined (GCC bug 105593, fixed in 13): silenced for those headers only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cstdint>
@@ -36,14 +41,23 @@ namespace llmos {
 constexpr int QX = 32;              // activations are rounded to int8 per block of 32
 constexpr size_t PREFETCH = 16384;  // bytes ahead: measured best of 4-32 KB at 0.5B/1B shapes (Q4_0)
 
-// One activation row rounded to int8 per block: x ~= d[b] * q[32b..32b+31]; s[b] = sum of the block's q.
+// One activation row rounded to int8 per block: x ~= d[b] * q[32b..32b+31]; s[b] = sum of the block's q;
+// h[b] = sum of its first 16 q (types with 16-weight sub-blocks, Q6_K, offset each half on its own).
 struct XQ {
   const int8_t* q;
   const float* d;
   const int32_t* s;
+  const int32_t* h;
 };
 
-inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t* s) {
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s4 = _mm_hadd_epi32(s4, s4);
+  s4 = _mm_hadd_epi32(s4, s4);
+  return _mm_cvtsi128_si32(s4);
+}
+
+inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t* s, int32_t* h) {
   const int nb = K / QX;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int b = 0; b < nb; ++b) {
@@ -60,11 +74,8 @@ inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t*
     for (int i = 0; i < 4; ++i)
       v[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), id),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    s4 = _mm_hadd_epi32(s4, s4);
-    s4 = _mm_hadd_epi32(s4, s4);
-    s[b] = _mm_cvtsi128_si32(s4);
+    h[b] = hsum_epi32(_mm256_add_epi32(v[0], v[1]));
+    s[b] = h[b] + hsum_epi32(_mm256_add_epi32(v[2], v[3]));
     // 32 x int32 -> 32 x int8 in order (the packs interleave 128-bit lanes; the permute undoes it)
     const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QX),
@@ -131,17 +142,20 @@ struct Kernel {
     thread_local std::vector<int8_t> q;
     thread_local std::vector<float> d;
     thread_local std::vector<int32_t> s;
+    thread_local std::vector<int32_t> h;
     thread_local std::vector<XQ> xs;
     q.resize(size_t(M) * K);
     d.resize(size_t(M) * nx);
     s.resize(size_t(M) * nx);
+    h.resize(size_t(M) * nx);
     xs.resize(M);
     for (int m = 0; m < M; ++m) {
       int8_t* qm = q.data() + size_t(m) * K;
       float* dm = d.data() + size_t(m) * nx;
       int32_t* sm = s.data() + size_t(m) * nx;
-      quantize_row_q8(Ap + size_t(m) * K, int(K), qm, dm, sm);
-      xs[m] = XQ{qm, dm, sm};
+      int32_t* hm = h.data() + size_t(m) * nx;
+      quantize_row_q8(Ap + size_t(m) * K, int(K), qm, dm, sm, hm);
+      xs[m] = XQ{qm, dm, sm, hm};
     }
     Job<T> job{B.GetTensorData<uint8_t>(), nb, int(N), M, xs.data(), Y};
     ctx.ParallelFor(run_task<T>, size_t(N / 16), 0, &job);
@@ -174,6 +188,16 @@ struct Registered {
     registered_ops().push_back(&op);
   }
 };
+
+// AVX2's dpbusd for 8 int32 lanes: acc + sum of 4 products of unsigned w bytes and signed x bytes (pairs
+// of products must fit int16: w < 128 with |x| <= 127, which every caller's weights satisfy).
+inline __m256i dpbusd8(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
 
 // Horizontal sum of 8 floats.
 inline float hsum(__m256 v) {
