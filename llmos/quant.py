@@ -40,8 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 
 from llmos.errors import UnsupportedModelError
 from llmos.gguf_file import TensorInfo
@@ -209,6 +209,25 @@ def dequantize(t: TensorInfo) -> np.ndarray:
     except NotImplementedError as e:
         raise UnsupportedModelError(f"tensor {t.name}: type {t.qtype.name} cannot be dequantized") from e
     return np.ascontiguousarray(w.reshape(t.shape), dtype=np.float32)
+
+
+def dequantize_rows(qtype: Q, raw: np.ndarray) -> np.ndarray:
+    """float32 [n, K] of n GGUF rows of type `qtype`, their bytes `raw` [n, row_bytes] (embedding lookups
+    of a few rows from a table kept in its GGUF bytes). Integer types go through the same block form as
+    import, s * q + o, which equals what `gguf` dequantizes value for value; other types through `gguf`."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    n, row_bytes = raw.shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    if row_bytes % size:
+        raise ValueError(f"{qtype.name} rows of {row_bytes} bytes are not whole blocks of {size}")
+    t = TensorInfo("rows", qtype, (n, row_bytes // size * block), raw)
+    b = int_blocks(t) if qtype not in FLOAT_TYPES else None
+    if b is None:
+        return dequantize(t)
+    w = b.s[..., None] * b.q.astype(np.float32)
+    if b.o is not None:
+        w += b.o[..., None]
+    return w.reshape(t.shape)
 
 
 def source_bits(t: TensorInfo) -> int:
