@@ -4,8 +4,8 @@ For each GGUF type with a native op and each shape (N, K) of the synthetic 0.5B 
 q/k/v, o, fused gate/up, down, the 49152-row tied head), random GGUF blocks are put in two one-node
 graphs: the type's op on their x16 bytes, and MatMulNBits on what import packs for it (Q8_0 and Q5_0:
 8-bit, Q4_1: 4-bit; its block-offset correction, a separate Gemm in the real graph, is left out, which
-favours MatMulNBits). One activation row (decode), `--threads` threads; the two sessions alternate for
-`--rounds` rounds of `--iters` calls and the median time per call is printed.
+favours MatMulNBits). One activation row (decode; `--m` rows for prefill), `--threads` threads; the two
+sessions alternate for `--rounds` rounds of `--iters` calls and the median time per call is printed.
 
     PYTHONPATH=. .venv/bin/python bench/native_gemv.py [--rounds 7] [--iters 50] [--threads 2]
 """
@@ -53,8 +53,8 @@ def session(node: object, inits: list, k: int, n: int, threads: int):  # -> ort.
     graph = helper.make_graph(
         [node],
         "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
         inits,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
@@ -90,14 +90,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--m", type=int, default=1, help="activation rows (1: decode; e.g. 256: prefill)")
+    ap.add_argument("--types", default=",".join(t.name for t in TYPES))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
-    x = np.random.default_rng(1).standard_normal((1, 896)).astype(np.float32)
-    for qtype in TYPES:
-        for shape_name, (n, k) in SHAPES.items():
+    for qtype in (Q[t] for t in args.types.split(",")):
+        for shape_name in args.shapes.split(","):
+            n, k = SHAPES[shape_name]
             runs = sessions(qtype, n, k, args.threads)
-            feed = {
-                "x": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32) if k != 896 else x
-            }
+            feed = {"x": np.random.default_rng(1).standard_normal((args.m, k)).astype(np.float32)}
             times: dict[str, list[float]] = {name: [] for name in runs}
             for s in runs.values():  # warm-up
                 s.run(None, feed)  # type: ignore[attr-defined]

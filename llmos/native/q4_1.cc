@@ -19,35 +19,43 @@ struct Q4_1 {
   static constexpr int BLK = 20;         // bytes per block of one row: fp16 d, fp16 m, 16 nibble bytes
   static constexpr int GBLK = 16 * BLK;  // bytes per block of a 16-row group
 
+// y + r*ldy [0..15] = the 16 rows of group G against activation rows x[0..R-1], each weight vector
+// loaded and unpacked once for the R rows; pf: the bytes to prefetch alongside.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint8_t* pf) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+static constexpr int ROWS = 4;
+
+template <int R>
+static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy, const uint8_t* pf) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const int32_t* xq = reinterpret_cast<const int32_t*>(x.q);
   for (int b = 0; b < nb; ++b) {
     const uint8_t* p = G + size_t(b) * GBLK;
     prefetch_bytes(pf + size_t(b) * GBLK, GBLK);
-    const __m512 dx = _mm512_set1_ps(x.d[b]);
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
-    const int32_t* xb = xq + b * 8;
-    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    __m512i a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
     for (int k = 0; k < 4; ++k) {
       const __m512i v = _mm512_loadu_si512(p + 64 + k * 64);
-      a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, m4), _mm512_set1_epi32(xb[k]));
-      a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_set1_epi32(xb[k + 4]));
+      const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* xb = reinterpret_cast<const int32_t*>(x[r].q) + b * 8;  // 8 groups of 4 int8
+        a0[r] = _mm512_dpbusd_epi32(a0[r], lo, _mm512_set1_epi32(xb[k]));
+        a1[r] = _mm512_dpbusd_epi32(a1[r], hi, _mm512_set1_epi32(xb[k + 4]));
+      }
     }
-    // d * dot + m * s, then times dx
-    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), d,
-                                     _mm512_mul_ps(m, _mm512_set1_ps(float(x.s[b]))));
-    if (b & 1)
-      acc1 = _mm512_fmadd_ps(t, dx, acc1);
-    else
-      acc0 = _mm512_fmadd_ps(t, dx, acc0);
+    for (int r = 0; r < R; ++r) {  // (d * dot + m * s) * dx
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r])), d,
+                                       _mm512_mul_ps(m, _mm512_set1_ps(float(x[r].s[b]))));
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(x[r].d[b]), acc[r]);
+    }
   }
-  _mm512_storeu_ps(y, _mm512_add_ps(acc0, acc1));
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 #else
+static constexpr int ROWS = 2;  // 16 ymm registers
+
 // AVX2: each 64-byte chunk is rows 0-7 (32 bytes) then rows 8-15.
 static inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {
 #if defined(__AVXVNNI__)
@@ -57,36 +65,45 @@ static inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {
 #endif
 }
 
-static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint8_t* pf) {
-  __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+template <int R>
+static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy, const uint8_t* pf) {
+  __m256 f[R][2];
+  for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const int32_t* xq = reinterpret_cast<const int32_t*>(x.q);
   for (int b = 0; b < nb; ++b) {
     const uint8_t* p = G + size_t(b) * GBLK;
     prefetch_bytes(pf + size_t(b) * GBLK, GBLK);
-    const __m256 dx = _mm256_set1_ps(x.d[b]), sx = _mm256_set1_ps(float(x.s[b]));
-    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
-    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
-    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 48)));
-    const int32_t* xb = xq + b * 8;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+    __m256i a[R][2];
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
     for (int k = 0; k < 4; ++k) {
-      const __m256i xl = _mm256_set1_epi32(xb[k]), xh = _mm256_set1_epi32(xb[k + 4]);
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + k * 64));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 96 + k * 64));
-      a0 = dot8(a0, _mm256_and_si256(v0, m4), xl);
-      a0 = dot8(a0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh);
-      a1 = dot8(a1, _mm256_and_si256(v1, m4), xl);
-      a1 = dot8(a1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh);
+      for (int h = 0; h < 2; ++h) {  // rows 0-7, rows 8-15
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + k * 64 + h * 32));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* xb = reinterpret_cast<const int32_t*>(x[r].q) + b * 8;
+          a[r][h] = dot8(dot8(a[r][h], lo, _mm256_set1_epi32(xb[k])), hi, _mm256_set1_epi32(xb[k + 4]));
+        }
+      }
     }
-    f0 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), d0, _mm256_mul_ps(m0, sx)), dx, f0);
-    f1 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), d1, _mm256_mul_ps(m1, sx)), dx, f1);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * h)));
+      for (int r = 0; r < R; ++r) {
+        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][h]), d, _mm256_mul_ps(m, _mm256_set1_ps(float(x[r].s[b]))));
+        f[r][h] = _mm256_fmadd_ps(t, _mm256_set1_ps(x[r].d[b]), f[r][h]);
+      }
+    }
   }
-  _mm256_storeu_ps(y, f0);
-  _mm256_storeu_ps(y + 8, f1);
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * ldy, f[r][0]);
+    _mm256_storeu_ps(y + r * ldy + 8, f[r][1]);
+  }
 }
 #endif
+
+static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint8_t* pf) {
+  gemm_x16<1>(G, nb, &x, y, 0, pf);
+}
 };
 
 Registered<Q4_1> registered;
