@@ -89,7 +89,8 @@ static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
       const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * h)));
       for (int r = 0; r < R; ++r) {
-        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][h]), d, _mm256_mul_ps(m, _mm256_set1_ps(float(x[r].s[b]))));
+        const __m256 ms = _mm256_mul_ps(m, _mm256_set1_ps(float(x[r].s[b])));
+        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][h]), d, ms);
         f[r][h] = _mm256_fmadd_ps(t, _mm256_set1_ps(x[r].d[b]), f[r][h]);
       }
     }
