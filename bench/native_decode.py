@@ -161,7 +161,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(results["llmos + native op"], results[base], strict=True)]
     print(f"native op / MatMulNBits per round: {', '.join(f'{v:.2f}' for v in ratios)}")
     same = tokens["llmos + native op"] == tokens[base]
-    peer_same = tokens["llmos + native op"] == tokens.get("llama.cpp")
+    peer_same = tokens["llmos + native op"] == tokens["llama.cpp"] if "llama.cpp" in tokens else "not run"
     print(f"greedy tokens: native op vs MatMulNBits identical: {same}; vs llama.cpp identical: {peer_same}")
 
 
