@@ -1,11 +1,11 @@
-"""GEMV time of llmos's native GGUF ops against onnxruntime's MatMulNBits, per weight type, at real shapes.
+"""GEMV (and, with --m, GEMM) time of llmos's native GGUF ops against MatMulNBits, per type, at real shapes.
 
 For each (type, N, K): random GGUF rows of the type (random bytes, sane fp16 scales) carried two ways,
 as import would: the native op on the x16 regrouping (llmos/gguf_layouts.py), and MatMulNBits on
 llmos/quant.py's exact packing (the smallest container that holds the type: Q6_K 8 bits per 16, Q4_K 4
 bits per 32 plus the block-sum correction Gemm for its mins). Each graph holds R copies of the matrix
 (different bytes, R chosen so a run reads >= --mib MiB), so weights stream from memory as in decode
-instead of staying in cache. One activation row (M=1), --threads threads; the two engines alternate for
+instead of staying in cache. One activation row (M=1; --m rows for prefill), --threads threads; the two engines alternate for
 --rounds rounds, each a median over --reps runs; medians of those. Prints us per GEMV, the ratio, and
 the effective GB/s of each (bytes of weights read / time).
 
@@ -35,8 +35,11 @@ SHAPES = {
     "Q6_K": [(896, 4864), (512, 2048), (2048, 8192), (49152, 2048)],
     "Q4_K": [(896, 4864), (2560, 2048), (2048, 2048), (16384, 2048), (2048, 8192)],
     "Q4_0": [(896, 896), (4864, 896), (896, 4864), (16384, 2048), (2048, 8192)],
+    "Q5_0": [(1152, 896), (896, 896), (9728, 896)],  # 0.5B Q4_K_M: q/k/v, o, gate/up
+    "Q8_0": [(1152, 896), (49152, 896)],  # 0.5B Q4_K_M: half the v's fused with q/k; the tied head
+    "Q4_1": [(1152, 896), (9728, 896), (896, 4864)],
 }
-SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}  # fp16 fields inside a block
+SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}
 
 
 def random_rows(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -53,7 +56,7 @@ def session(nodes: list, inits: list, k: int, outs: list[str], threads: int) -> 
     graph = helper.make_graph(
         nodes,
         "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
         inits,
     )
@@ -126,17 +129,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mib", type=int, default=96, help="weights read per run (copies of the matrix)")
+    ap.add_argument("--m", type=int, default=1, help="activation rows (1: decode; e.g. 256: prefill)")
     args = ap.parse_args()
     if not native_ops.available():
         raise SystemExit(f"the native op library is not available ({native_ops.unavailable_reason()})")
-    print(f"library {native_ops.library_path()}; {args.threads} threads, M=1, medians")
+    print(f"library {native_ops.library_path()}; {args.threads} threads, M={args.m}, medians")
     for name in args.types:
         qtype = Q[name]
         for n, k in SHAPES[name]:
             one = n * k // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1]
             copies = max(1, -(-args.mib * 2**20 // one))
             sessions, nbytes = build(qtype, n, k, copies, args.threads)
-            x = {"x": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
+            x = {"x": np.random.default_rng(1).standard_normal((args.m, k)).astype(np.float32)}
             times: dict[str, list[float]] = {e: [] for e in sessions}
             for s in sessions.values():
                 s.run(None, x)  # warm-up: prepacking, first touch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -141,19 +142,116 @@ def q4_k_ungroup(x16: np.ndarray) -> np.ndarray:
     return _k_ungroup(x16, 144, _Q4_K_HEAD, _Q4_K_CHUNKS, "Q4_K")
 
 
+def _interleave(rows: np.ndarray, fields: tuple[tuple[int, int], ...], name: str) -> np.ndarray:
+    """The x16 form of a block made of `fields` (bytes, unit) in order: per group and block, each field
+    in turn, unit by unit, 16 rows of `unit` bytes each (one 16-row vector per unit). A 2-byte unit of
+    an fp16 scale gives 32 bytes (16 scales, one 512-bit conversion); a 4-byte unit of quant bytes gives
+    64 bytes, one 32-bit lane per row (what a dot product of 4 bytes sums)."""
+    r = _groups(rows, sum(w for w, _ in fields), name)
+    g, _, nb, _ = r.shape
+    parts, off = [], 0
+    for width, unit in fields:
+        f = r[..., off : off + width].reshape(g, 16, nb, width // unit, unit)
+        parts.append(f.transpose(0, 2, 3, 1, 4).reshape(g, nb, 16 * width))
+        off += width
+    return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(rows.shape))
+
+
+def _deinterleave(x16: np.ndarray, fields: tuple[tuple[int, int], ...], name: str) -> np.ndarray:
+    """The inverse of _interleave."""
+    r = _groups(x16, sum(w for w, _ in fields), name)
+    g, _, nb, blk = r.shape
+    flat = r.reshape(g, nb, 16 * blk)
+    parts, off = [], 0
+    for width, unit in fields:
+        f = flat[..., off : off + 16 * width].reshape(g, nb, width // unit, 16, unit)
+        parts.append(f.transpose(0, 3, 1, 2, 4).reshape(g, 16, nb, width))
+        off += 16 * width
+    return np.ascontiguousarray(np.concatenate(parts, axis=3).reshape(x16.shape))
+
+
+# Blocks as (bytes, unit) fields: fp16 scales in 2-byte units, quant and high-bit bytes in 4-byte units.
+Q8_0_FIELDS = ((2, 2), (32, 4))  # d; 32 int8 (8 chunks of 64 bytes)
+Q5_0_FIELDS = ((2, 2), (4, 4), (16, 4))  # d; qh (each row's 32 high bits in its own lane); nibbles
+Q4_1_FIELDS = ((2, 2), (2, 2), (16, 4))  # d; m; nibbles (as Q4_0)
+
+
+def q8_0_x16(rows: np.ndarray) -> np.ndarray:
+    """Q8_0 (34 bytes per 32 weights: fp16 d, 32 int8). Per group and block (544 bytes): the 16 rows'
+    fp16 scales (32 bytes), then 8 chunks of 64 bytes where bytes 4r..4r+3 of chunk c are the quant
+    bytes 4c..4c+3 of row r."""
+    return _interleave(rows, Q8_0_FIELDS, "Q8_0")
+
+
+def q8_0_ungroup(x16: np.ndarray) -> np.ndarray:
+    return _deinterleave(x16, Q8_0_FIELDS, "Q8_0")
+
+
+def q5_0_x16(rows: np.ndarray) -> np.ndarray:
+    """Q5_0 (22 bytes per 32 weights: fp16 d, 4 bytes of high bits qh, 16 nibble bytes). Per group and
+    block (352 bytes): the 16 rows' fp16 scales (32 bytes), their qh (64 bytes, row r at 4r), then four
+    64-byte chunks where bytes 4r..4r+3 of chunk c are the nibble bytes 4c..4c+3 of row r."""
+    return _interleave(rows, Q5_0_FIELDS, "Q5_0")
+
+
+def q5_0_ungroup(x16: np.ndarray) -> np.ndarray:
+    return _deinterleave(x16, Q5_0_FIELDS, "Q5_0")
+
+
+def q4_1_x16(rows: np.ndarray) -> np.ndarray:
+    """Q4_1 (20 bytes per 32 weights: fp16 d, fp16 m, 16 nibble bytes). Per group and block (320 bytes):
+    the 16 rows' d (32 bytes), their m (32 bytes), then the nibbles in four 64-byte chunks as Q4_0."""
+    return _interleave(rows, Q4_1_FIELDS, "Q4_1")
+
+
+def q4_1_ungroup(x16: np.ndarray) -> np.ndarray:
+    return _deinterleave(x16, Q4_1_FIELDS, "Q4_1")
+
+
+@lru_cache(maxsize=32)
+def _row_map(layout: X16Layout, row_bytes: int) -> np.ndarray:
+    """int64 [16, row_bytes]: where byte j of row slot r sits in its x16 group's 16*row_bytes bytes.
+    Found by ungrouping the positions themselves (a layout only moves bytes), one byte of them at a
+    time since ungroup works on uint8."""
+    pos = np.arange(16 * row_bytes, dtype=np.int64).reshape(16, row_bytes)
+    out = np.zeros_like(pos)
+    for shift in range(0, int(pos.max()).bit_length(), 8):
+        out |= layout.ungroup(((pos >> shift) & 0xFF).astype(np.uint8)).astype(np.int64) << shift
+    return out
+
+
+@lru_cache(maxsize=32)
+def _unit_map(layout: X16Layout, row_bytes: int) -> tuple[int, np.ndarray]:
+    """The row map in the widest unit (4, 2 or 1 bytes) every row's bytes move in, aligned: gathering
+    2- or 4-byte units is that many times fewer indices (a lookup's cost is its index count)."""
+    rm = _row_map(layout, row_bytes)
+    for unit in (4, 2):
+        if row_bytes % unit:
+            continue
+        heads = rm[:, ::unit]
+        runs = heads[:, :, None] + np.arange(unit)
+        if not (heads % unit).any() and (runs.reshape(16, row_bytes) == rm).all():
+            return unit, heads // unit
+    return 1, rm
+
+
 def gguf_rows(layout: X16Layout, x16: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """The GGUF bytes of rows `ids` (any shape) of an x16 matrix: [*ids.shape, row_bytes]. Reads each
-    row's whole group of 16 (for embedding lookups: a few rows per token, never the whole table)."""
-    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-    groups, slots = np.divmod(flat, 16)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    blocks = x16.reshape(-1, 16, x16.shape[1])[uniq].reshape(-1, x16.shape[1])
-    rows = layout.ungroup(blocks).reshape(len(uniq), 16, -1)[inverse, slots]
-    return rows.reshape(*np.shape(ids), x16.shape[1])
+    """The GGUF bytes of rows `ids` (any shape) of an x16 matrix: [*ids.shape, row_bytes]. Gathers just
+    those rows' bytes (for embedding lookups from a memory map: a few rows per token, never the table)."""
+    row_bytes = x16.shape[1]
+    unit, umap = _unit_map(layout, row_bytes)
+    groups, slots = np.divmod(np.asarray(ids, dtype=np.int64).reshape(-1), 16)
+    flat = np.asarray(x16).reshape(-1).view(f"<u{unit}" if unit > 1 else np.uint8)
+    index = np.int32 if flat.size < 2**31 else np.int64
+    lin = (groups.astype(index) * index(16 * row_bytes // unit))[:, None] + umap[slots].astype(index)
+    return flat.take(lin).view(np.uint8).reshape(*np.shape(ids), row_bytes)
 
 
 LAYOUTS: dict[int, X16Layout] = {
     T.Q4_0: X16Layout("GgufMatMulQ4_0x16", 32, 18, q4_0_x16, q4_0_ungroup),
     T.Q4_K: X16Layout("GgufMatMulQ4_Kx16", 256, 144, q4_k_x16, q4_k_ungroup),
     T.Q6_K: X16Layout("GgufMatMulQ6_Kx16", 256, 210, q6_k_x16, q6_k_ungroup),
+    T.Q4_1: X16Layout("GgufMatMulQ4_1x16", 32, 20, q4_1_x16, q4_1_ungroup),
+    T.Q5_0: X16Layout("GgufMatMulQ5_0x16", 32, 22, q5_0_x16, q5_0_ungroup),
+    T.Q8_0: X16Layout("GgufMatMulQ8_0x16", 32, 34, q8_0_x16, q8_0_ungroup),
 }

@@ -35,7 +35,7 @@ MS = "com.microsoft"
 GGUF_DOMAIN = "llmos.gguf"  # llmos's native op library (engine/native_ops.py, native/gguf_ops.cc)
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 8  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 9  # bump when the graph changes, so imports are redone
 ALIGN = 4096  # weight offsets in the data file: page-aligned, so they can be mapped
 INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
 
@@ -50,6 +50,7 @@ class BuildReport:
     native_matrices: int = 0  # (fused) matrices on llmos's native ops rather than MatMulNBits
     native_ops: set[str] = field(default_factory=set)  # which of those ops the graph uses
     embedding: dict[str, dict[str, object]] = field(default_factory=dict)  # where the table's bytes are
+    embedding_type: str = ""  # the table's GGUF type name when it is stored x16 (role "x16")
     notes: list[str] = field(default_factory=list)
 
 
@@ -273,16 +274,24 @@ class LlamaGraphBuilder:
         return self.g.op("Add", [y, self.g.init(f"{tag}.bias", b)])[0]
 
     # -- graph --------------------------------------------------------------------------------------------
-    def _embedding_table(self) -> tuple[PackedMatrix | None, str]:
+    def _embedding_table(self) -> tuple[PackedMatrix | GgufRows | None, str]:
         """Store the token embedding table; the engine looks rows up itself (see engine/embedding.py).
 
         The lookup happens outside the graph, from a memory map of this initializer's bytes, so only the
         rows of tokens actually seen become resident, while a tied head reads the same initializer (one
-        copy on disk; onnxruntime keeps only its prepacked form in memory).
+        copy on disk; onnxruntime keeps only its prepacked form in memory). When a native op reads the
+        table's type (and the vocabulary comes in groups of 16 rows), the table is the GGUF's own bytes,
+        x16, and the engine decodes looked-up rows itself (`embedding_type` names the type); else 8-bit
+        rows for MatMulNBits.
         """
         t = self._tensor("token_embd.weight")
         if self.precision == "fp32":
             return None, self.g.init("token_embd.weight", dequantize(t))
+        layout = self.layouts.get(t.qtype)
+        if layout is not None and t.shape[0] % 16 == 0:
+            rows = self._gguf_rows([t.name], layout)
+            self.report.embedding_type = t.qtype.name
+            return rows, self.g.init("token_embd.x16", rows.data)
         p = pack_matrix(t, 8)  # 8-bit rows need no nibble unpacking; exact for every integer type
         self.gguf.release(t.name)
         if not p.exact:
@@ -292,10 +301,16 @@ class LlamaGraphBuilder:
             self.g.init("token_embd.correction", p.correction)
         return p, self.g.init("token_embd.qweight", p.packed)  # [V, nb, 32]
 
-    def _head(self, x: str, emb_packed: PackedMatrix | None, emb_name: str | None) -> str:
+    def _head(self, x: str, emb_packed: PackedMatrix | GgufRows | None, emb_name: str | None) -> str:
         g, hp = self.g, self.hp
-        if not hp.tied_embeddings:
+        if not hp.tied_embeddings:  # output.weight: a native op when its type has one, as every matrix
             return self._linear(x, ["output.weight"], "lm_head")
+        if isinstance(emb_packed, GgufRows):  # the native op reads the x16 table itself: one copy
+            self.report.native_matrices += 1
+            self.report.native_ops.add(emb_packed.layout.op)
+            return g.op(
+                emb_packed.layout.op, [x, emb_name], domain=GGUF_DOMAIN, K=emb_packed.k, N=emb_packed.n
+            )[0]
         if self.precision == "fp32":
             # Gemm with transB reads the embedding table itself: one copy of the tied weights.
             flat = g.op("Reshape", [x, g.const(np.array([-1, hp.n_embd], dtype=np.int64))])[0]
@@ -534,6 +549,7 @@ class LlamaGraphBuilder:
 
 
 EMBEDDING_TENSORS = {
+    "token_embd.x16": "x16",  # the GGUF's rows regrouped for a native op (gguf_layouts), of embedding_type
     "token_embd.qweight": "qweight",
     "token_embd.scales": "scales",
     "token_embd.correction": "correction",

@@ -60,8 +60,10 @@ class ModelManifest(BaseModel):
     graph_file: str = "model.onnx"
     weights_file: str = "model.onnx.data"
     tokenizer_file: str = "tokenizer.json"
-    # token embedding table: "qweight"/"scales"/"correction" (8-bit rows) or "weight" (fp32)
+    # token embedding table: "x16" (the GGUF's rows regrouped for a native op, llmos/gguf_layouts.py),
+    # "qweight"/"scales"/"correction" (8-bit rows) or "weight" (fp32)
     embedding: dict[str, TensorLocation] = {}
+    embedding_type: str = ""  # the GGUF type name of an "x16" table (e.g. Q8_0): how its rows decode
     # custom op domains the graph uses, whose libraries must load with it: ["llmos.gguf"] when matrices
     # were imported for llmos's native ops (engine/native_ops.py), empty for onnxruntime's own ops
     custom_op_domains: list[str] = []

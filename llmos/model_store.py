@@ -239,6 +239,7 @@ class ModelStore:
             source_sha256=digest,
             source_quant=types.most_common(1)[0][0] if types else "unknown",
             embedding=report.embedding,
+            embedding_type=report.embedding_type,
             custom_op_domains=[native_ops.DOMAIN] if report.native_ops else [],
             native_ops=sorted(report.native_ops),
         )

@@ -212,15 +212,16 @@ def dequantize(t: TensorInfo) -> np.ndarray:
 
 
 def dequantize_rows(qtype: Q, raw: np.ndarray) -> np.ndarray:
-    """float32 [n, K] of `n` raw GGUF rows of one type ([n, K/block * bytes per block]): the rows an
-    embedding lookup reads from a table kept in the file's own bytes (llmos.gguf_layouts.gguf_rows)."""
+    """float32 [n, K] of n GGUF rows of type `qtype`, their bytes `raw` [n, row_bytes] (embedding lookups
+    of a few rows from a table kept in its GGUF bytes). Integer types go through the same block form as
+    import, s * q + o, which equals what `gguf` dequantizes value for value; other types through `gguf`."""
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
-    block, size = GGML_QUANT_SIZES[qtype]
     n, row_bytes = raw.shape
+    block, size = GGML_QUANT_SIZES[qtype]
     if row_bytes % size:
-        raise UnsupportedModelError(f"{row_bytes} bytes per row are not whole {qtype.name} blocks")
-    t = TensorInfo(name="rows", qtype=qtype, shape=(n, row_bytes // size * block), data=raw)
-    b = int_blocks(t)
+        raise ValueError(f"{qtype.name} rows of {row_bytes} bytes are not whole blocks of {size}")
+    t = TensorInfo("rows", qtype, (n, row_bytes // size * block), raw)
+    b = int_blocks(t) if qtype not in FLOAT_TYPES else None
     if b is None:
         return dequantize(t)
     w = b.s[..., None] * b.q.astype(np.float32)

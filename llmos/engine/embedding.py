@@ -5,6 +5,11 @@ where a tied head reads it too; the engine maps the same bytes read-only, so onl
 has seen become resident (a Gather inside onnxruntime would keep the whole table mapped, ~30 MB for the
 default model, next to the head's prepacked copy). The byte ranges come from the manifest, so loading a
 model never needs the `onnx` package.
+
+When a native op reads the table's GGUF type (the tied head, llmos/native/), the table is the GGUF's own
+rows regrouped 16 at a time ("x16", llmos/gguf_layouts.py): a lookup gathers just the looked-up rows'
+bytes from the map (`gguf_rows`) and decodes them as the type's blocks (`quant.dequantize_rows`); the
+manifest's `embedding_type` names the type, so nothing of the GGUF is parsed at load.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from llmos.errors import ModelFormatError
+from llmos.gguf_layouts import LAYOUTS, X16Layout, gguf_rows
 from llmos.manifest import TensorLocation
+from llmos.quant import dequantize_rows
 
 
 def _map(model_dir: Path, loc: TensorLocation) -> np.ndarray:
@@ -30,11 +38,29 @@ def _map(model_dir: Path, loc: TensorLocation) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=loc.offset, shape=tuple(loc.shape))
 
 
+def _x16_type(d: Path, qtype: str) -> tuple[GGMLQuantizationType, X16Layout]:
+    try:
+        q = GGMLQuantizationType[qtype]
+        return q, LAYOUTS[q]
+    except KeyError:
+        raise ModelFormatError(
+            f"{d}: the embedding table's type {qtype or '(none)'} has no x16 layout in this llmos "
+            "(re-import the model)"
+        ) from None
+
+
 class EmbeddingTable:
-    def __init__(self, model_dir: str | os.PathLike[str], locations: dict[str, TensorLocation]) -> None:
+    def __init__(
+        self, model_dir: str | os.PathLike[str], locations: dict[str, TensorLocation], qtype: str = ""
+    ) -> None:
         d = Path(model_dir)
-        self._float = self._q = self._scales = self._corr = None
-        if "weight" in locations:  # fp32 graph
+        self._float = self._q = self._scales = self._corr = self._x16 = None
+        if "x16" in locations:  # the GGUF's rows for a native op; qtype: their GGUF type name
+            self._qtype, self._layout = _x16_type(d, qtype)
+            self._x16 = _map(d, locations["x16"])  # uint8 [V, row_bytes]
+            self.n_vocab = self._x16.shape[0]
+            self.n_embd = self._x16.shape[1] // self._layout.blk * self._layout.qk
+        elif "weight" in locations:  # fp32 graph
             self._float = _map(d, locations["weight"])
             self.n_vocab, self.n_embd = self._float.shape
         elif "qweight" in locations and "scales" in locations:
@@ -52,6 +78,9 @@ class EmbeddingTable:
         """float32 [..., n_embd] embeddings of integer `ids` (shape [...])."""
         if self._float is not None:
             return np.ascontiguousarray(self._float[ids], dtype=np.float32)
+        if self._x16 is not None:
+            raw = gguf_rows(self._layout, self._x16, ids).reshape(-1, self._x16.shape[1])
+            return dequantize_rows(self._qtype, raw).reshape(*np.shape(ids), self.n_embd)
         q = self._q[ids].astype(np.float32)
         q -= 128.0
         q *= self._scales[ids][..., None]

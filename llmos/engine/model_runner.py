@@ -67,7 +67,7 @@ class ModelRunner:
         self.provider: str = provider  # the one in use
         self.provider_failures: list[ProviderFailure] = failures  # those tried before it, in order
         self.vocab = manifest.n_vocab
-        self.embeddings = EmbeddingTable(model_dir, manifest.embedding)
+        self.embeddings = EmbeddingTable(model_dir, manifest.embedding, manifest.embedding_type)
         slots = pool.slots
         self._embeds = np.zeros((slots, 1, manifest.n_embd), dtype=np.float32)
         self._pos = np.zeros((slots, 1), dtype=np.int64)

@@ -9,6 +9,8 @@
 //   T::gemv_x16(G, nb, x, y, pf)  y[0..15] = the 16 rows of group G (nb blocks of 16*BLK bytes each)
 //              against one activation row x (int8 per 32 weights: x.q, x.d, x.s, x.h per 32); pf: bytes
 //              to prefetch alongside (the same offset in a group ahead)
+//   T::ROWS    optional: T::gemm_x16<T::ROWS>(G, nb, xs, y, ldy, pf) does ROWS activation rows (xs[r],
+//              output y + r*ldy) in one pass, decoding each weight vector once for all of them (prefill)
 // The weights input B is uint8 [N, K/QK*BLK]: the GGUF's rows regrouped 16 at a time by
 // llmos/gguf_layouts.py, nothing re-rounded. Inputs: A float [..., K], B; output Y float [..., N].
 //
@@ -20,9 +22,10 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
-// GCC 12 flags its own AVX-512 headers' _mm512_undefined_*() (`__Y = __Y`) as maybe-uninitialized
+// GCC 12 flags its own AVX-512 headers' _mm512_undefined_*() (`__Y = __Y`) as (maybe-)uninitialized
 // wherever they are inlined (GCC bug 105593, fixed in 13): silenced for those headers only.
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
@@ -30,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -95,14 +99,27 @@ struct Job {
   float* Y;
 };
 
-// One task: one 16-row group, for every activation row (the group's bytes stay in cache across rows).
+// T::ROWS when the type has a multi-row pass, else 1.
+template <class T, class = void>
+struct RowsPerPass : std::integral_constant<int, 1> {};
+template <class T>
+struct RowsPerPass<T, std::void_t<decltype(T::ROWS)>> : std::integral_constant<int, T::ROWS> {};
+
+// One task: one 16-row group, for every activation row (the group's bytes stay in cache across rows),
+// ROWS rows per pass where the type has such a pass.
 template <class T>
 void run_task(void* p, size_t g) {
   const Job<T>& j = *static_cast<const Job<T>*>(p);
   const size_t gbytes = size_t(j.nb) * 16 * T::BLK;
   const size_t ahead = std::max<size_t>(1, PREFETCH / gbytes);
   const uint8_t* G = j.W + g * gbytes;
-  for (int m = 0; m < j.M; ++m)
+  int m = 0;
+  if constexpr (RowsPerPass<T>::value > 1) {
+    constexpr int R = RowsPerPass<T>::value;
+    for (; m + R <= j.M; m += R)
+      T::template gemm_x16<R>(G, j.nb, j.xs + m, j.Y + size_t(m) * j.N + g * 16, size_t(j.N), G + ahead * gbytes);
+  }
+  for (; m < j.M; ++m)
     T::gemv_x16(G, j.nb, j.xs[m], j.Y + size_t(m) * j.N + g * 16, G + ahead * gbytes);
 }
 

@@ -1,12 +1,14 @@
 """Decode speed of a GGUF model: llmos with its native ops, llmos on MatMulNBits, and llama.cpp.
 
-The same GGUF (default: the synthetic 0.5B Q4_0 llama of ~/.cache/llmos/bench/synthetic) is imported
-twice, once with the op's library (Q4_0 matrices on llmos.gguf's GgufMatMulQ4_0x16) and once with
-LLMOS_GGUF_OPS pointing at a missing file (MatMulNBits). Each timed run is a fresh child process, one at a
-time, engines alternating for --rounds rounds: load, one untimed warm-up generation, then a short prompt
-and 128 greedy tokens (argmax per step, EOS ignored); decode tok/s = 127 steps / their time. Medians.
+The same GGUF (default: the synthetic 0.5B Q4_0 llama of ~/.cache/llmos/bench/synthetic; any file with
+--gguf, e.g. its Q4_K_M sibling) is imported twice, once with the op library (every matrix of a type it
+has an op for, and the tied head, on llmos.gguf's ops) and once with LLMOS_GGUF_OPS pointing at a missing
+file (MatMulNBits); each import's size on disk is printed beside the GGUF's. Each timed run is a fresh
+child process, one at a time, engines alternating for --rounds rounds: load, one untimed warm-up
+generation, then a short prompt and 128 greedy tokens (argmax per step, EOS ignored); decode tok/s = 127
+steps / their time. Medians.
 
-    .venv/bin/python bench/native_q4_0.py [--gguf FILE] [--rounds 5] [--threads 2]
+    PYTHONPATH=. .venv/bin/python bench/native_decode.py [--gguf FILE] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 DEFAULT_GGUF = Path.home() / ".cache/llmos/bench/synthetic/llama-0.5B-r1-s0-Q4_0.gguf"
-STORE = Path.home() / ".cache/llmos/bench/native_q4_0"
+STORE = Path.home() / ".cache/llmos/bench/native_decode"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 NEW_TOKENS = 128
 N_CTX = 1024
@@ -81,6 +83,11 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--no-llama-cpp",
+        action="store_true",
+        help="llmos's two imports only (llama.cpp's spinning OpenMP threads suffer most on a busy machine)",
+    )
     ap.add_argument("--child", choices=["llmos", "llama.cpp"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -99,10 +106,16 @@ def main() -> None:
         )
     store = ModelStore(STORE)
     missing = str(STORE / "no-such-library.so")
-    models = {"llmos + native op": store.import_gguf(args.gguf, name=f"{args.gguf.stem}-native")}
+    stem = args.gguf.stem.lower()
+    models = {"llmos + native op": store.import_gguf(args.gguf, name=f"{stem}-native")}
     os.environ[native_ops.ENV] = missing
-    models["llmos, MatMulNBits"] = store.import_gguf(args.gguf, name=f"{args.gguf.stem}-nbits")
+    models["llmos, MatMulNBits"] = store.import_gguf(args.gguf, name=f"{stem}-nbits")
     del os.environ[native_ops.ENV]
+    gguf_size = args.gguf.stat().st_size
+    for e, d in models.items():
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        ops = ", ".join(ModelManifest.read(d).native_ops) or "-"
+        print(f"{e:20s} on disk {size / 1e6:7.1f} MB = {size / gguf_size:.3f}x the GGUF; native ops: {ops}")
     assert ModelManifest.read(models["llmos + native op"]).custom_op_domains == [native_ops.DOMAIN]
     assert ModelManifest.read(models["llmos, MatMulNBits"]).custom_op_domains == []
     gguf_size = args.gguf.stat().st_size
@@ -116,7 +129,7 @@ def main() -> None:
         flush=True,
     )
 
-    engines = [*models, "llama.cpp"]
+    engines = [*models] + ([] if args.no_llama_cpp else ["llama.cpp"])
     results: dict[str, list[float]] = {e: [] for e in engines}
     tokens: dict[str, list[int]] = {}
     for r in range(args.rounds):
@@ -141,18 +154,19 @@ def main() -> None:
             results[e].append(res["decode_tok_s"])
             tokens[e] = res["tokens"]
             print(f"round {r + 1}: {e:20s} {res['decode_tok_s']:6.1f} tok/s", flush=True)
-    peer = statistics.median(results["llama.cpp"])
+    peer, base = engines[-1], "llmos, MatMulNBits"
     for e in engines:
         med = statistics.median(results[e])
         print(
-            f"{e:20s} decode median {med:6.1f} tok/s  ({med / peer:.2f}x llama.cpp)  "
-            f"runs {', '.join(f'{v:.1f}' for v in results[e])}"
+            f"{e:20s} decode median {med:6.1f} tok/s  ({med / statistics.median(results[peer]):.2f}x {peer}; "
+            f"runs {', '.join(f'{v:.1f}' for v in results[e])})"
         )
-    same = tokens["llmos + native op"] == tokens["llmos, MatMulNBits"]
-    print(
-        f"greedy tokens: native op vs MatMulNBits identical: {same}; "
-        f"vs llama.cpp identical: {tokens['llmos + native op'] == tokens['llama.cpp']}"
-    )
+    # the robust figure on a shared machine: native over MatMulNBits within each round (adjacent runs)
+    ratios = [a / b for a, b in zip(results["llmos + native op"], results[base], strict=True)]
+    print(f"native op / MatMulNBits per round: {', '.join(f'{v:.2f}' for v in ratios)}")
+    same = tokens["llmos + native op"] == tokens[base]
+    peer_same = tokens["llmos + native op"] == tokens["llama.cpp"] if "llama.cpp" in tokens else "not run"
+    print(f"greedy tokens: native op vs MatMulNBits identical: {same}; vs llama.cpp identical: {peer_same}")
 
 
 if __name__ == "__main__":
