@@ -5,9 +5,9 @@ as import would: the native op on the x16 regrouping (llmos/gguf_layouts.py), an
 llmos/quant.py's exact packing (the smallest container that holds the type: Q6_K 8 bits per 16, Q4_K 4
 bits per 32 plus the block-sum correction Gemm for its mins). Each graph holds R copies of the matrix
 (different bytes, R chosen so a run reads >= --mib MiB), so weights stream from memory as in decode
-instead of staying in cache. One activation row (M=1; --m rows for prefill), --threads threads; the two engines alternate for
---rounds rounds, each a median over --reps runs; medians of those. Prints us per GEMV, the ratio, and
-the effective GB/s of each (bytes of weights read / time).
+instead of staying in cache. One activation row (M=1; --m rows for prefill), --threads threads; the two
+engines alternate for --rounds rounds, each a median over --reps runs; medians of those. Prints us per
+GEMV, the ratio, and the effective GB/s of each (bytes of weights read / time).
 
     .venv/bin/python bench/native_gemv.py [--types Q6_K Q4_K] [--rounds 5] [--reps 20] [--threads 2]
 """
