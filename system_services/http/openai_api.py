@@ -27,6 +27,7 @@ SAMPLING = {
     "seed": INT,
     "stop": (str, list),
     "repetition_penalty": N,
+    "ignore_eos": B,
 }
 # accepted and ignored (bookkeeping for OpenAI's service) or accepted only at their neutral value
 IGNORED = {
@@ -100,6 +101,7 @@ def _options(ex: Exchange, body: dict[str, Any], json_schema: str | None = None)
         "top_k": body.get("top_k"),
         "seed": body.get("seed"),
         "repetition_penalty": body.get("repetition_penalty"),
+        "ignore_eos": body.get("ignore_eos"),
         "stop": [stop] if isinstance(stop, str) else stop,
         "json_schema": json_schema,
     }
