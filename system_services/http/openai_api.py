@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from system_services.history import checked_history
 from system_services.http import chat_messages, generation, tool_calls
 from system_services.http.exchange import Exchange
 from system_services.http.request_options import check_fields, to_options
@@ -150,7 +151,7 @@ async def chat(ex: Exchange) -> None:
     )
     if plan is not None and schema is not None:
         raise HttpError(400, "tools and response_format cannot be used together", "unsupported_field")
-    messages = chat_messages.to_messages(body.get("messages"), fmt)
+    messages = checked_history(chat_messages.to_messages(body.get("messages"), fmt))  # as CreateSession's
     prompt: Any = messages
     if plan is not None:
         prompt = plan.prompt(ex.daemon, plan.with_system(messages))
