@@ -257,3 +257,62 @@ def test_curl_example_from_the_docs(rig: tuple[str, Path]) -> None:
     )
     answer = json.loads(out.stdout)
     assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] == 8
+
+
+def _ollama(sock: Path):  # the ollama package is a test-only import
+    import httpx
+    import ollama
+
+    return ollama.Client(host="http://localhost", transport=httpx.HTTPTransport(uds=str(sock)))
+
+
+def test_ollama_chat_generate_and_model_info(rig: tuple[str, Path]) -> None:
+    import ollama
+
+    client = _ollama(rig[1])
+    [listed] = client.list().models
+    assert listed.model == f"{MODEL}:latest" and listed.details.family == "llama"
+    assert [m.model for m in client.ps().models] == [f"{MODEL}:latest"]
+    assert client.show(MODEL).modelinfo["llama.context_length"] == 8192
+    out = client.chat(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], options={"num_predict": 6}
+    )
+    assert out.message.content and out.done and out.eval_count <= 6 and out.prompt_eval_count > 0
+    parts = list(
+        client.chat(
+            model=f"{MODEL}:latest",
+            messages=[{"role": "user", "content": "Count."}],
+            stream=True,
+            options={"num_predict": 5, "num_ctx": 2048},
+            keep_alive=0,  # never unloads the shared model
+        )
+    )
+    assert parts[-1].done and parts[-1].eval_count == 5 and "".join(p.message.content for p in parts)
+    assert client.generate(model=MODEL, prompt="Once upon a time", options={"num_predict": 4}).eval_count == 4
+    assert [m.model for m in client.ps().models] == [f"{MODEL}:latest"]  # keep_alive 0 did not unload it
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(
+            model=MODEL, messages=[{"role": "user", "content": "hello " * 300}], options={"num_ctx": 100}
+        )
+    assert e.value.status_code == 400 and "100" in e.value.error
+
+
+def test_ollama_tools(rig: tuple[str, Path]) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    out = _ollama(rig[1]).chat(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[tool]
+    )
+    for call in out.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments["city"], str)
+    assert out.message.tool_calls or out.message.content

@@ -17,7 +17,10 @@ from llmos import bounded_json
 from system_services.http.wire import HttpError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+# OpenAI's keys, and Ollama's (tool_name, images, thinking)
+MESSAGE_KEYS = frozenset(
+    {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "tool_name", "images", "thinking"}
+)
 MAX_MESSAGES = 4096
 
 
@@ -63,6 +66,8 @@ def to_messages(raw: Any, fmt: ToolCallFormat) -> list[dict[str, str]]:
             raise HttpError(400, f"{where}: a message is an object with a role of {', '.join(ROLES)}")
         if extra := sorted(set(m) - MESSAGE_KEYS):
             raise HttpError(400, f"{where}: unknown field {extra[0][:64]!r}", "unknown_field")
+        if m.get("images"):
+            raise HttpError(400, f"{where}: images are not supported (the model reads text only)")
         role, text = ROLES[m["role"]], text_of(m.get("content"), where)
         if role == "assistant" and m.get("tool_calls"):
             calls = _calls(m["tool_calls"], where)
@@ -70,7 +75,7 @@ def to_messages(raw: Any, fmt: ToolCallFormat) -> list[dict[str, str]]:
                 names[call_id] = name
             text = (text + "\n" if text else "") + "\n".join(call_text(fmt, n, a) for _, n, a in calls)
         if role == "tool":
-            name = names.get(str(m.get("tool_call_id")), m.get("name") or "the tool")
+            name = names.get(str(m.get("tool_call_id")), m.get("name") or m.get("tool_name") or "the tool")
             try:
                 result: Any = bounded_json.loads(text, "a tool result")
             except bounded_json.InvalidJsonError:

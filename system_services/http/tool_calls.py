@@ -68,8 +68,8 @@ class ToolPlan:
 
 
 def plan(fmt: ToolCallFormat, raw_tools: Any, choice: Any, caller: Any, answer_chars: int) -> ToolPlan | None:
-    """None when no tools are offered (none given, or tool_choice "none")."""
-    if raw_tools is None or choice == "none":
+    """None when no tools are offered (none or an empty list given, or tool_choice "none")."""
+    if raw_tools is None or raw_tools == [] or choice == "none":
         return None
     if not isinstance(raw_tools, list) or not 0 < len(raw_tools) <= MAX_TOOLS:
         raise HttpError(400, f"tools must be an array of 1 to {MAX_TOOLS} functions", "invalid_type")
