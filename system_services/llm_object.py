@@ -40,6 +40,8 @@ ARBITER_FIGURES = {
     "kv_free_slot_bytes": "t",
     "prefix_cache_bytes": "t",
     "prefix_hits": "u",
+    "auto_prefix_hits": "u",
+    "auto_prefix_tokens": "t",
     "swap_outs": "u",
     "swap_restores": "u",
     "swap_recomputes": "u",

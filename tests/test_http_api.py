@@ -316,3 +316,53 @@ def test_ollama_tools(rig: tuple[str, Path]) -> None:
     for call in out.message.tool_calls or []:
         assert call.function.name == "get_weather" and isinstance(call.function.arguments["city"], str)
     assert out.message.tool_calls or out.message.content
+
+
+def _status(address: str) -> dict:
+    from dbus_harness import busctl
+
+    out = busctl(
+        address, "call", "org.llmos.LLM1", "/org/llmos/LLM1", "org.llmos.LLM1", "GetStatus", "--json=short"
+    )
+    return {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+
+
+def test_stateless_turns_reuse_their_own_apps_kv_only(rig: tuple[str, Path]) -> None:
+    address, sock = rig
+    client = openai_client(sock)
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": "Here are my notes: " + "the quick brown fox jumps over the lazy dog. " * 60,
+        },
+    ]
+    first = client.chat.completions.create(model=MODEL, messages=convo, max_tokens=20)
+    convo += [{"role": "assistant", "content": first.choices[0].message.content}]
+    hits = _status(address)["auto_prefix_hits"]
+    second = client.chat.completions.create(
+        model=MODEL, messages=[*convo, {"role": "user", "content": "Summarize them."}], max_tokens=8
+    )
+    usage = second.usage
+    assert (
+        usage.prompt_tokens_details.cached_tokens >= 0.9 * usage.prompt_tokens
+    )  # only the new turn computed
+    assert _status(address)["auto_prefix_hits"] == hits + 1
+    # the same conversation from another app (curl) computes it all again: no KV crosses apps
+    body = {"model": MODEL, "messages": [*convo, {"role": "user", "content": "Shorter."}], "max_tokens": 4}
+    out = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "--unix-socket",
+            str(sock),
+            "http://localhost/v1/chat/completions",
+            "-d",
+            json.dumps(body),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    other = json.loads(out.stdout)["usage"]
+    assert other["prompt_tokens_details"]["cached_tokens"] < 0.2 * other["prompt_tokens"]

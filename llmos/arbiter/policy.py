@@ -72,6 +72,9 @@ class ArbiterConfig(BaseModel):
     pressure_check_s: float = Field(5.0, ge=0)  # how often pressure is read; 0 = never (no reaction)
     prefix_cache_entries: int = Field(16, ge=0)  # shared system-prompt prefixes kept; 0 = off
     quantum_tokens: int = Field(256, ge=1)  # deficit round robin: tokens an app may use per round
+    # finished stateless requests' KV kept per account (app id, uid) for the next one starting alike
+    # (auto_prefix.py); 0 = off
+    auto_prefix_per_app: int = Field(4, ge=0, le=64)
 
 
 class PolicyTable(BaseModel):
