@@ -240,7 +240,7 @@ class Arbiter:
         assert seq is not None
         seq.cache = engine.pool.allocate()
         key = self._park_key(req)
-        if key is None and not seq.output_ids:  # stateless: the account's own KV that starts alike
+        if key is None and req.auto_prefix and not seq.output_ids:  # the account's own KV, alike
             shared = self.prefix.longest(seq.prompt_ids)
             if (auto := self.auto.best(req.account, seq.prompt_ids, shared)) is not None:
                 key = auto[0]
@@ -317,7 +317,8 @@ class Arbiter:
                 if req.session_key and req.error is None and seq.cache.length:
                     self.kv.park(req.session_key, req.account, seq.kv_ids(), seq.cache.export())
                 elif (
-                    not req.session_key
+                    req.auto_prefix
+                    and not req.session_key
                     and req.error is None
                     and seq.finish_reason is not FinishReason.CANCELLED
                 ):

@@ -26,6 +26,7 @@ async def run(ex: Exchange, job: Job, emit: Callable[[str], Awaitable[None]] | N
     """The job's result; with `emit`, each text delta is written as it comes (the client's pace sets the
     stream's: `emit` waits for the socket)."""
     queue: asyncio.Queue[str] = asyncio.Queue()
+    job.auto_prefix = True  # HTTP clients resend their conversation: reuse their own earlier KV
     if emit is not None:
         job.on_delta = queue.put_nowait
     gen = asyncio.ensure_future(ex.daemon.run_for_caller(job, ex.owner))
