@@ -75,6 +75,8 @@ async def models(ex: Exchange) -> None:
 
 
 def _common(ex: Exchange, body: dict[str, Any], fields: dict[str, tuple[type, ...]], what: str) -> None:
+    if ex.daemon.state in ("loading", "stopping"):  # OpenAI clients retry a 503 after Retry-After
+        raise HttpError(503, f"the model is {ex.daemon.state}", "model_loading", {"Retry-After": "2"})
     check_fields(body, fields, what)
     if body.get("model") not in (served_model(ex), f"{served_model(ex)}:latest"):
         raise HttpError(
