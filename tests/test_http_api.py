@@ -366,3 +366,16 @@ def test_stateless_turns_reuse_their_own_apps_kv_only(rig: tuple[str, Path]) -> 
     )
     other = json.loads(out.stdout)["usage"]
     assert other["prompt_tokens_details"]["cached_tokens"] < 0.2 * other["prompt_tokens"]
+
+
+def test_metrics_for_the_administrator_only(rig: tuple[str, Path]) -> None:
+    sock = rig[1]
+    argv = ["curl", "-s", "-w", "\n%{http_code}", "--unix-socket", str(sock), "http://localhost/metrics"]
+    root = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/")
+    text, code = root.stdout.rsplit("\n", 1)
+    assert code == "200" and 'llmos_state{state="ready"} 1' in text
+    if os.getuid() == 0:
+        other = subprocess.run(
+            User.named("nobody").argv(argv), capture_output=True, text=True, timeout=60, cwd="/"
+        )
+        assert other.stdout.endswith("403")
