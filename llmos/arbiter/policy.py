@@ -49,6 +49,16 @@ class AppPolicy(BaseModel):
     max_queued: int = Field(32, ge=1)  # requests waiting for the model; more is QuotaExceeded
     # the daemon's built-in tools (time, battery, notifications) this app's agent runs may use; None = all
     system_tools: list[str] | None = None
+    # keys this app presents on the opt-in loopback TCP endpoint (docs/http-api.md); the file that holds
+    # them must be 0600. None there: no key, no access
+    api_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, v: list[str]) -> list[str]:
+        if any(len(k) < 20 or not k.isascii() or not k.isprintable() or " " in k for k in v):
+            raise ValueError("an API key is at least 20 printable ASCII characters without spaces")
+        return v
 
     @field_validator("max_priority")
     @classmethod

@@ -22,16 +22,24 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from system_services.caller import peer_caller
+from system_services.caller import Caller, peer_caller
+from system_services.config import DEFAULT_CONFIG
 from system_services.http.errors import as_http_error, ollama_error, openai_error
 from system_services.http.exchange import Exchange
 from system_services.http.generation import ClientGone
 from system_services.http.local_origin import check_local
 from system_services.http.responses import send_json
+from system_services.http.tcp_access import (
+    activated_tcp_sockets,
+    is_loopback,
+    key_caller,
+    keys_file_is_private,
+)
 from system_services.http.wire import Connection, HttpError
 
 log = logging.getLogger("llmosd.http")
 Handler = Callable[[Exchange], Awaitable[None]]
+UNKNOWN = Caller(unique_name="", uid=None, pid=None, app_id="unknown")  # until a key names the app
 
 
 def default_socket(system: bool) -> Path | None:
@@ -51,26 +59,40 @@ class HttpServer:
             cfg.idle_timeout_s,
             cfg.max_connections,
         )
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._ids = itertools.count(1)
         self._open: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _remove_stale(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+        self._servers.append(await asyncio.start_unix_server(self._serve, str(self.path)))
         os.chmod(self.path, 0o666)  # identity comes from the kernel, per connection
         log.info("HTTP endpoint (OpenAI, Ollama) on unix:%s", self.path)
 
+    async def start_tcp(self, sock: socket.socket) -> None:
+        """A loopback TCP socket from systemd: callers by API key (tcp_access.py)."""
+        self._servers.append(await asyncio.start_server(self._serve_tcp, sock=sock))
+        log.info("HTTP endpoint on tcp:%s (API keys)", sock.getsockname())
+
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._open):
-                task.cancel()
+        for server in self._servers:
+            server.close()
+        for task in list(self._open):
+            task.cancel()
+        if self._servers:
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not is_loopback(writer.get_extra_info("peername")):
+            writer.close()
+            return
+        await self._serve(reader, writer, by_key=True)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, by_key: bool = False
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._open.add(task)
@@ -79,9 +101,9 @@ class HttpServer:
             if len(self._open) > self.max_connections:
                 await send_json(writer, 503, openai_error(HttpError(503, "too many connections")), False)
                 return
-            caller = peer_caller(writer.get_extra_info("socket"), name)
+            caller = None if by_key else peer_caller(writer.get_extra_info("socket"), name)
             conn = Connection(reader, writer, self.max_body, self.idle_s)
-            while await self._one(conn, caller):
+            while await self._one(conn, caller, name):
                 pass
         except (ConnectionError, ClientGone, asyncio.CancelledError):
             pass
@@ -90,7 +112,7 @@ class HttpServer:
             self.daemon.ownership.owner_left(name)  # whatever it still had running is cancelled
             writer.close()
 
-    async def _one(self, conn: Connection, caller: Any) -> bool:
+    async def _one(self, conn: Connection, caller: Caller | None, name: str) -> bool:
         """Read and answer one request; whether the connection stays open for the next."""
         try:
             req = await conn.next_request()
@@ -100,9 +122,11 @@ class HttpServer:
         if req is None:
             return False
         shape = ollama_error if req.path.startswith("/api/") else openai_error
-        ex = Exchange(self.daemon, caller, conn, req, shape)
+        ex = Exchange(self.daemon, caller or UNKNOWN, conn, req, shape)
         try:
             check_local(req)
+            if caller is None:  # TCP: the request names its app by its key
+                ex.caller = key_caller(self.daemon, req, name)
             handler = self.routes.get((req.method, req.path))
             if handler is None:
                 if any(path == req.path for _, path in self.routes):
@@ -159,4 +183,15 @@ async def start_endpoint(
     except OSError as e:
         log.error("no HTTP endpoint on %s: %s", path, e.strerror or e)
         return None
+    if tcp := activated_tcp_sockets():
+        keys_path = daemon.config_path or DEFAULT_CONFIG
+        if not keys_file_is_private(keys_path):
+            log.error(
+                "not serving TCP: %s holds the API keys and must be mode 0600 (chmod 600 it)", keys_path
+            )
+            for sock in tcp:
+                sock.close()
+        else:
+            for sock in tcp:
+                await server.start_tcp(sock)
     return server
