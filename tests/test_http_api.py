@@ -170,7 +170,7 @@ def test_two_users_of_one_app_are_separate_accounts(rig: tuple[str, Path]) -> No
         }
     )
 
-    def curl(user: User) -> tuple[int, str]:
+    def curl(user: User, data: str = body) -> tuple[int, str]:
         argv = [
             str(sock.parent.parent / "quota-curl"),
             "-s",
@@ -179,7 +179,7 @@ def test_two_users_of_one_app_are_separate_accounts(rig: tuple[str, Path]) -> No
             str(sock),
             "http://localhost/v1/chat/completions",
             "-d",
-            body,
+            data,
         ]
         out = subprocess.run(user.argv(argv), capture_output=True, text=True, timeout=120, cwd="/")
         return int(out.stdout.split()[1]), out.stdout
@@ -188,6 +188,8 @@ def test_two_users_of_one_app_are_separate_accounts(rig: tuple[str, Path]) -> No
     assert curl(root)[0] == 200
     status, text = curl(root)
     assert status == 429 and "retry-after:" in text.lower() and "rate_limit_exceeded" in text
+    streamed = curl(root, body.replace('"max_tokens"', '"stream": true, "max_tokens"'))
+    assert streamed[0] == 429  # a stream's head waits for its first token: the error keeps its status
     assert curl(nobody)[0] == 200  # the same app as another user: its own quota
 
 

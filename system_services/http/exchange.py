@@ -47,13 +47,13 @@ class Exchange:
     async def fail(self, e: BaseException) -> None:
         """Answer with the error in this API's shape; inside a stream, as its last event."""
         err = as_http_error(e)
-        if self.stream is not None:
+        if self.stream is not None and self.stream.started:
             await self.stream.event(self.error_shape(err))
             await self.stream.end()
             return
         await send_json(self.conn.writer, err.status, self.error_shape(err), self.req.keep_alive, err.headers)
 
-    async def start_stream(self, sse: bool) -> ChunkedStream:
-        self.stream = ChunkedStream(self.conn.writer, sse)
-        await self.stream.start(self.req.keep_alive)
+    def start_stream(self, sse: bool) -> ChunkedStream:
+        """A streamed answer; its head goes out with its first event (see responses.py)."""
+        self.stream = ChunkedStream(self.conn.writer, sse, self.req.keep_alive)
         return self.stream

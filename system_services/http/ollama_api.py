@@ -115,7 +115,7 @@ async def _answer(ex: Exchange, body: dict[str, Any], job: Any, key: str, plan: 
 
     stream = None
     if body.get("stream", True):
-        stream = await ex.start_stream(sse=False)
+        stream = ex.start_stream(sse=False)
 
     async def emit(text: str) -> None:
         assert stream is not None

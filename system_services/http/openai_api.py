@@ -166,20 +166,22 @@ async def chat(ex: Exchange) -> None:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
         await ex.reply({**head, "object": "chat.completion", "choices": [choice], "usage": usage(result)})
         return
-    stream = await ex.start_stream(sse=True)
+    stream = ex.start_stream(sse=True)
     head = {**head, "object": "chat.completion.chunk"}
 
     def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
         return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
-    await stream.event(chunk({"role": "assistant", "content": ""}))
-
     async def emit(text: str) -> None:
+        if not stream.started:  # with the first text: an error before it keeps its own status
+            await stream.event(chunk({"role": "assistant", "content": ""}))
         await stream.event(chunk({"content": text}))
 
     # with tools the answer is one JSON step or call: sent whole once it is parsed
     result = await generation.run(ex, job, emit if plan is None else None)
     message, reason = _message(plan, result)
+    if not stream.started:
+        await stream.event(chunk({"role": "assistant", "content": ""}))
     if plan is not None:
         delta = {k: v for k, v in message.items() if k != "role" and v is not None}
         if "tool_calls" in delta:
@@ -216,7 +218,7 @@ async def completions(ex: Exchange) -> None:
         result = await generation.run(ex, job)
         await ex.reply({**choice(result.text, finish(result)), "usage": usage(result)})
         return
-    stream = await ex.start_stream(sse=True)
+    stream = ex.start_stream(sse=True)
 
     async def emit(text: str) -> None:
         await stream.event(choice(text, None))

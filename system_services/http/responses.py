@@ -1,5 +1,7 @@
 """Responses on the wire: one JSON body with its length, or a chunked stream of events (SSE for OpenAI,
 NDJSON for Ollama), so a stream ends cleanly without closing the connection and keep-alive works.
+A stream's head is written with its first event, so an error found before any output (a quota, a
+prompt over the context) still gets its own status line rather than a 200 carrying an error event.
 
 Every write waits for the socket to take it (`drain`): a client reading slowly slows its own stream,
 and one that is gone raises ConnectionError here, which ends (and cancels) its generation.
@@ -69,25 +71,28 @@ class ChunkedStream:
     """A streamed response in chunked transfer encoding; `event` frames one JSON value as the format
     wants it: `data: {...}\\n\\n` (server-sent events) or `{...}\\n` (NDJSON)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, sse: bool) -> None:
-        self.writer, self.sse = writer, sse
+    def __init__(self, writer: asyncio.StreamWriter, sse: bool, keep_alive: bool) -> None:
+        self.writer, self.sse, self.keep_alive = writer, sse, keep_alive
         self.started = False
 
-    async def start(self, keep_alive: bool) -> None:
+    def _start(self) -> None:
         kind = "text/event-stream; charset=utf-8" if self.sse else "application/x-ndjson"
         headers = {"Content-Type": kind, "Cache-Control": "no-cache", "Transfer-Encoding": "chunked"}
-        self.writer.write(head(200, headers, keep_alive))
+        self.writer.write(head(200, headers, self.keep_alive))
         self.started = True
-        await self.writer.drain()
 
     async def event(self, obj: Any) -> None:
         await self.raw(b"data: " + dumps(obj) + b"\n\n" if self.sse else dumps(obj) + b"\n")
 
     async def raw(self, data: bytes) -> None:
+        if not self.started:
+            self._start()
         self.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
         await self.writer.drain()
 
     async def end(self) -> None:
+        if not self.started:
+            self._start()
         if self.sse:
             await self.raw(b"data: [DONE]\n\n")
         self.writer.write(b"0\r\n\r\n")
