@@ -34,8 +34,8 @@ FILLER = "The committee met on Tuesday to review the budget, the timetable and t
 BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>session</type><listen>unix:path={path}</listen><auth>EXTERNAL</auth>
-<policy context="default">
-<allow user="*"/><allow send_destination="*"/><allow own="*"/></policy></busconfig>"""
+<policy context="default"><allow user="*"/><allow send_destination="*" eavesdrop="true"/>
+<allow eavesdrop="true"/><allow own="*"/></policy></busconfig>"""
 
 
 def stream(
