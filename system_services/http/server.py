@@ -107,6 +107,8 @@ class HttpServer:
                 pass
         except (ConnectionError, ClientGone, asyncio.CancelledError):
             pass
+        except Exception as e:  # a fault of the daemon: logged once per kind, the connection closed
+            as_http_error(e)
         finally:
             self._open.discard(task)
             self.daemon.ownership.owner_left(name)  # whatever it still had running is cancelled
