@@ -67,10 +67,13 @@ def stream(
 
 def scenarios(client: httpx.Client, model: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    single = [{"role": "user", "content": FILLER * 14 + "Summarize this in detail."}]
-    for _ in range(2):  # warm-up
-        stream(client, model, single, 8)
-    runs = [stream(client, model, single, 128) for _ in range(3)]
+
+    def single(k: int) -> list[dict[str, str]]:  # a new opening each time: nothing reusable
+        return [{"role": "user", "content": f"Report {k}. " + FILLER * 14 + "Summarize this in detail."}]
+
+    for k in range(2):  # warm-up
+        stream(client, model, single(100 + k), 8)
+    runs = [stream(client, model, single(k), 128) for k in range(3)]
     out["single"] = {k: sorted(r[k] for r in runs)[1] for k in ("ttft_s", "decode_tok_s", "chunks")}
     convo = [{"role": "system", "content": "You are a careful assistant. " + FILLER * 20}]
     turns = []
@@ -81,7 +84,7 @@ def scenarios(client: httpx.Client, model: str) -> dict[str, Any]:
         r = stream(client, model, convo, 48)
         turns.append(r["ttft_s"])
         convo.append({"role": "assistant", "content": r["text"]})
-    fresh = [{"role": convo[0]["role"], "content": "Y" + convo[0]["content"][1:]}, *convo[1:-1]]
+    fresh = [{"role": "system", "content": "Z" + convo[0]["content"]}, *convo[1:-1]]  # shares nothing
     out["stateless_chat"] = {
         "turn_ttft_s": turns,
         "turn6_ttft_s": turns[-1],
