@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -137,3 +138,30 @@ def test_keys_in_a_readable_file_mean_no_tcp(rig: tuple[PrivateBus, Path, Path])
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_llm_cli_runs_unchanged_against_llmos(rig: tuple[PrivateBus, Path, Path]) -> None:
+    """A program no one here wrote: Simon Willison's `llm` CLI, with an OpenAI-compatible model entry."""
+    llm = shutil.which("llm", path=str(Path(sys.executable).parent)) or shutil.which("llm")
+    if llm is None:
+        pytest.skip("the llm CLI is not installed (test extra)")
+    bus, store, tmp = rig
+    proc, port, log = _activated(tmp, bus.address, store, 0o600)
+    home = tmp / "llm-home"
+    home.mkdir(exist_ok=True)
+    (home / "extra-openai-models.yaml").write_text(
+        f'- model_id: llmos\n  model_name: tiny\n  api_key_name: llmos\n'
+        f'  api_base: "http://127.0.0.1:{port}/v1"\n'
+    )
+    (home / "keys.json").write_text(json.dumps({"llmos": KEY}))
+    env = {**os.environ, "LLM_USER_PATH": str(home)}
+    try:
+        for args in (
+            ["-m", "llmos", "-o", "max_tokens", "4", "hello"],
+            ["-c", "-o", "max_tokens", "4", "again"],
+        ):
+            out = subprocess.run([llm, *args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp)
+            assert out.returncode == 0 and out.stdout, out.stderr  # random weights: any text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, "\n".join(log)
