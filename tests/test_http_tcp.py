@@ -150,7 +150,7 @@ def test_the_llm_cli_runs_unchanged_against_llmos(rig: tuple[PrivateBus, Path, P
     home = tmp / "llm-home"
     home.mkdir(exist_ok=True)
     (home / "extra-openai-models.yaml").write_text(
-        f'- model_id: llmos\n  model_name: tiny\n  api_key_name: llmos\n'
+        f"- model_id: llmos\n  model_name: tiny\n  api_key_name: llmos\n"
         f'  api_base: "http://127.0.0.1:{port}/v1"\n'
     )
     (home / "keys.json").write_text(json.dumps({"llmos": KEY}))
