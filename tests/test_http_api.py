@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -381,3 +382,24 @@ def test_metrics_for_the_administrator_only(rig: tuple[str, Path]) -> None:
             User.named("nobody").argv(argv), capture_output=True, text=True, timeout=60, cwd="/"
         )
         assert other.stdout.endswith("403")
+
+
+def test_disconnecting_unstreamed_client_cancels_too(rig: tuple[str, Path]) -> None:
+    address, sock = rig
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Go."}],
+            "max_tokens": 3000,
+            "ignore_eos": True,
+        }
+    ).encode()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(sock))
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    assert wait_until(lambda: active_requests(address) == 1, timeout=10)
+    s.close()
+    assert wait_until(lambda: active_requests(address) == 0, timeout=5)
