@@ -11,6 +11,8 @@ import configparser
 import contextvars
 import os
 import re
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +155,11 @@ async def identify(bus: Any, sender: str) -> Caller:
     uid = creds["UnixUserID"].value if "UnixUserID" in creds else None
     pid = creds["ProcessID"].value if "ProcessID" in creds else None
     return Caller(unique_name=sender, uid=uid, pid=pid, app_id=app_id_for_pid(pid))
+
+
+def peer_caller(sock: socket.socket, name: str) -> Caller:
+    """The process at the other end of a unix socket (SO_PEERCRED: uid and pid from the kernel, which
+    the peer cannot choose), named as an app exactly as a D-Bus caller is (`app_id_for_pid`). `name` is
+    the connection's key, as a unique name is on the bus."""
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return Caller(unique_name=name, uid=uid, pid=pid or None, app_id=app_id_for_pid(pid or None))

@@ -62,6 +62,20 @@ class JobsConfig(BaseModel):
     results_kept: int = Field(20, ge=1)  # results of the last runs kept per job
 
 
+class HttpConfig(BaseModel):
+    """[http]: the OpenAI- and Ollama-compatible endpoint on a unix socket (docs/http-api.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # None = $XDG_RUNTIME_DIR/llmos/http.sock (session daemon; none without XDG_RUNTIME_DIR), or
+    # /run/llmos/http.sock with --system (RuntimeDirectory=llmos)
+    socket: Path | None = None
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=64 << 20)  # a request body, checked before reading
+    max_connections: int = Field(64, ge=1, le=4096)
+    idle_timeout_s: float = Field(30.0, gt=0)  # a keep-alive connection with no request is closed
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +83,7 @@ class DaemonConfig(BaseModel):
     limits: LimitsConfig = LimitsConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
     jobs: JobsConfig = JobsConfig()  # scheduled agent runs
+    http: HttpConfig = HttpConfig()
     # per-app policy: [apps.default] for everyone, [apps."org.example.App"] for one app id
     apps: dict[str, AppPolicy] = {}
     # None = $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/llmos with --system, else

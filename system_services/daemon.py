@@ -52,6 +52,8 @@ from system_services.caller import Caller, identify, install_caller_tracking
 from system_services.config import ConfigError, DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import EngineWorker, Job, JobResult
+from system_services.http.routes import ROUTES as HTTP_ROUTES
+from system_services.http.server import start_endpoint
 from system_services.llm_object import PATH, LLMObject
 from system_services.notify import sd_notify, watchdog_interval
 from system_services.options import RequestOptions
@@ -423,6 +425,7 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
         daemon.worker.stop()
         bus.disconnect()
         return 1
+    http = await start_endpoint(daemon, bool(args.system), HTTP_ROUTES)
     log.info(
         "serving %s (%s, %s) as %s",
         model.manifest.name,
@@ -444,6 +447,8 @@ async def serve(args: argparse.Namespace, config: DaemonConfig) -> int:
     log.info("stopping: cancelling %d request(s) in flight", daemon.worker.active_jobs())
     sd_notify("STOPPING=1")
     daemon.stopping = True
+    if http is not None:
+        await http.stop()
     jobs.shutdown(wait=False)
     daemon.scheduled.stop_firing()
     await asyncio.to_thread(daemon.worker.stop)

@@ -60,6 +60,7 @@ class Job:
     grammar: str | None = None  # or to this llguidance grammar (agent steps in a model's own format)
     prompt_bytes: int = 0  # its text's size (llmos.input_bounds): a long prompt is tokenized off-thread
     prompt_ids: list[int] | None = None  # set once a long prompt is tokenized
+    auto_prefix: bool = False  # a stateless client resending its conversation (HTTP): reuse its KV
     on_delta: Callable[[str], None] | None = None  # called on the event loop
     future: asyncio.Future[JobResult] | None = None  # set by submit()
     request: Request | None = field(default=None, repr=False)
@@ -216,6 +217,7 @@ class EngineWorker:
             tokens_per_minute=p.tokens_per_minute,
             max_queued=p.max_queued,
             prompt_ids=job.prompt_ids,
+            auto_prefix=job.auto_prefix,
             on_done=lambda r: self._done(job, r),
         )
         if job.on_delta is not None:

@@ -20,6 +20,7 @@ from system_services.authority import ACTION_CONFIG_RELOAD, ACTION_MODEL_IMPORT,
 from system_services.caller import current_sender, identify
 from system_services.config import DaemonConfig
 from system_services.dbus_errors import error, to_dbus_error
+from system_services.history import check_history_fits
 from system_services.options import SAMPLING, parse_options
 from system_services.request_object import stats
 from system_services.session_object import SESSION_OPTIONS, SessionObject
@@ -39,6 +40,8 @@ ARBITER_FIGURES = {
     "kv_free_slot_bytes": "t",
     "prefix_cache_bytes": "t",
     "prefix_hits": "u",
+    "auto_prefix_hits": "u",
+    "auto_prefix_tokens": "t",
     "swap_outs": "u",
     "swap_restores": "u",
     "swap_recomputes": "u",
@@ -85,7 +88,8 @@ class LLMObject(ServiceInterface):
     # -- methods -----------------------------------------------------------------------------------
     @method()
     async def CreateSession(self, options: "a{sv}") -> "o":
-        """A new conversation owned by the caller. Options: system_prompt (s)."""
+        """A new conversation owned by the caller. Options: system_prompt (s), messages (aa{ss}): history of
+        every role (system, user, assistant, tool), taken as said, never generated again."""
         sender = current_sender()
         limits = self.daemon.config.limits
         opts = parse_options(
@@ -96,10 +100,17 @@ class LLMObject(ServiceInterface):
         )
         if opts.system_prompt:
             self.daemon.check_text(opts.system_prompt, "the system prompt")
+        messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
+        if opts.messages and opts.system_prompt and any(m["role"] == "system" for m in opts.messages):
+            raise error("InvalidArgument", "give the system turn once: system_prompt or a system message")
+        messages += opts.messages or []
         self.daemon.check_session_quota(sender)
         caller = await self.daemon.caller(sender)
+        try:  # history is never cut: it fits the context (and the app's max_context) or is refused
+            await check_history_fits(self.daemon, messages, caller.app_id)
+        except LlmosError as e:
+            raise to_dbus_error(e) from None
         self.daemon.check_session_quota(sender, caller.account)  # again: others may have made sessions
-        messages = [{"role": "system", "content": opts.system_prompt}] if opts.system_prompt else []
         session = SessionObject(self.daemon, sender, messages, caller.account)
         self.daemon.add_session(session)
         log.info("%s: session for %s (uid %s, pid %s)", session.path, caller.app_id, caller.uid, caller.pid)

@@ -11,6 +11,7 @@ from agents.structured_output import InvalidSchemaError, parse_schema
 from llmos.engine.sampling import SamplingParams
 from llmos.errors import InvalidSamplingError
 from system_services.dbus_errors import error
+from system_services.history import checked_history
 
 _INT = frozenset("ynqiuxt")
 # option -> (allowed D-Bus signatures, what it is)
@@ -27,6 +28,7 @@ KNOWN: dict[str, tuple[frozenset[str], str]] = {
     "handle_token": (frozenset("s"), "a string"),
     "priority": (frozenset("s"), "a string"),
     "json_schema": (frozenset("s"), "a string (a JSON Schema)"),
+    "messages": (frozenset({"aa{ss}"}), "an array of {role, content} dictionaries (aa{ss})"),
 }
 PRIORITIES = ("interactive", "normal", "background")
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos")
@@ -40,6 +42,7 @@ class RequestOptions:
     priority: str
     json_schema: str | None = None  # the answer must be JSON valid against it (constrained decoding)
     grammar: str | None = None  # or match this llguidance grammar (set by the daemon, never by callers)
+    messages: list[dict[str, str]] | None = None  # history of every role (CreateSession; history.py)
 
 
 def parse_options(
@@ -81,7 +84,10 @@ def parse_options(
             parse_schema(schema)
         except InvalidSchemaError as e:
             raise error("InvalidArgument", str(e)) from None
-    return RequestOptions(params, values.get("system_prompt"), values.get("handle_token"), priority, schema)
+    messages = checked_history(values["messages"]) if "messages" in values else None
+    return RequestOptions(
+        params, values.get("system_prompt"), values.get("handle_token"), priority, schema, messages=messages
+    )
 
 
 def _token_ok(token: str) -> bool:

@@ -21,7 +21,7 @@ from system_services.request_object import RequestObject, request_path, stats
 IFACE = "org.llmos.Session1"
 VERSION = 1
 _numbers = itertools.count(1)
-SESSION_OPTIONS = frozenset({"system_prompt"})
+SESSION_OPTIONS = frozenset({"system_prompt", "messages"})
 PROMPT_OPTIONS = frozenset({*SAMPLING, "priority", "json_schema"})
 STREAM_OPTIONS = PROMPT_OPTIONS | {"handle_token"}
 

@@ -737,3 +737,16 @@ def test_readme_says_where_every_packaged_file_installs() -> None:
     assert files
     for f in files:
         assert str(f.relative_to(PACKAGING)) in readme, f
+
+
+def test_http_socket_unit_verifies_and_is_loopback_only(tmp_path: Path) -> None:
+    sa = tool("systemd-analyze")
+    unit = unit_with_stand_in(tmp_path)
+    sock = unit.parent / "llmosd.socket"
+    sock.write_text((PACKAGING / "llmosd.socket").read_text())
+    r = run([sa, "verify", "--man=no", str(sock)])
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    d = unit_directives(sock.read_text())
+    assert all(a.startswith(("127.", "[::1]")) for a in d["Socket.ListenStream"])
+    assert d["Socket.IPAddressDeny"] == ["any"] and d["Socket.IPAddressAllow"] == ["localhost"]
+    assert unit_directives(UNIT.read_text())["Service.PrivateNetwork"] == ["yes"]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmos.arbiter.auto_prefix import AutoPrefix
 from llmos.arbiter.kv_manager import KVManager
 from llmos.arbiter.policy import Account, ArbiterConfig
 from llmos.arbiter.prefix_cache import PrefixCache
@@ -73,6 +74,7 @@ class Arbiter:
         self.scheduler = Scheduler(config.quantum_tokens)
         self.kv = KVManager(config.kv_budget_mib << 20, swap)
         self.prefix = PrefixCache(config.prefix_cache_entries)
+        self.auto = AutoPrefix(self.kv, config.auto_prefix_per_app)
         self.usage: dict[Account, AppUsage] = defaultdict(AppUsage)
         self.last_active = time.monotonic()
         self.loads = 0
@@ -107,6 +109,7 @@ class Arbiter:
         """Free the model (its weights and KV slots). Parked KV goes to disk. Refused while busy."""
         if self.engine is None or self.has_work:
             return False
+        self.auto.clear()  # a stateless client's KV is a cache: not worth a disk write
         self.kv.swap_out_all()
         self.prefix.clear()
         self.engine = None
@@ -237,6 +240,11 @@ class Arbiter:
         assert seq is not None
         seq.cache = engine.pool.allocate()
         key = self._park_key(req)
+        if key is None and req.auto_prefix and not seq.output_ids:  # the account's own KV, alike
+            shared = self.prefix.longest(seq.prompt_ids)
+            if (auto := self.auto.best(req.account, seq.prompt_ids, shared)) is not None:
+                key = auto[0]
+                self.auto.used(req.account, key, min(auto[1], len(seq.prompt_ids) - 1))
         parked = key is not None and self.kv.has(key)
         restored = self.kv.take(key) if key is not None else None
         if parked and restored is None:
@@ -308,6 +316,13 @@ class Arbiter:
             if seq.cache is not None:
                 if req.session_key and req.error is None and seq.cache.length:
                     self.kv.park(req.session_key, req.account, seq.kv_ids(), seq.cache.export())
+                elif (
+                    req.auto_prefix
+                    and not req.session_key
+                    and req.error is None
+                    and seq.finish_reason is not FinishReason.CANCELLED
+                ):
+                    self.auto.remember(req.account, seq.kv_ids(), seq.cache.export())
                 seq.cache.free()
                 seq.cache = None
         if req.on_done is not None:  # the owner first: compressing and writing KV can take 50 ms
@@ -394,6 +409,8 @@ class Arbiter:
             "swap_failures": self.kv.swap_failures,
             "kv_over_budget_bytes": self.over_budget_bytes(),
             "prefix_hits": self.prefix.hits,
+            "auto_prefix_hits": self.auto.hits,
+            "auto_prefix_tokens": self.auto.tokens,
             "model_loads": self.loads,
             "device": self.device,
             "device_failures": list(self.device_failures),

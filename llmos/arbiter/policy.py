@@ -49,6 +49,16 @@ class AppPolicy(BaseModel):
     max_queued: int = Field(32, ge=1)  # requests waiting for the model; more is QuotaExceeded
     # the daemon's built-in tools (time, battery, notifications) this app's agent runs may use; None = all
     system_tools: list[str] | None = None
+    # keys this app presents on the opt-in loopback TCP endpoint (docs/http-api.md); the file that holds
+    # them must be 0600. None there: no key, no access
+    api_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, v: list[str]) -> list[str]:
+        if any(len(k) < 20 or not k.isascii() or not k.isprintable() or " " in k for k in v):
+            raise ValueError("an API key is at least 20 printable ASCII characters without spaces")
+        return v
 
     @field_validator("max_priority")
     @classmethod
@@ -72,6 +82,9 @@ class ArbiterConfig(BaseModel):
     pressure_check_s: float = Field(5.0, ge=0)  # how often pressure is read; 0 = never (no reaction)
     prefix_cache_entries: int = Field(16, ge=0)  # shared system-prompt prefixes kept; 0 = off
     quantum_tokens: int = Field(256, ge=1)  # deficit round robin: tokens an app may use per round
+    # finished stateless requests' KV kept per account (app id, uid) for the next one starting alike
+    # (auto_prefix.py); 0 = off
+    auto_prefix_per_app: int = Field(4, ge=0, le=64)
 
 
 class PolicyTable(BaseModel):

@@ -44,6 +44,12 @@ class PrefixCache:
         self.entries.move_to_end(best)
         return len(best), self.entries[best]
 
+    def longest(self, ids: list[int]) -> int:
+        """How many tokens of `ids` the best entry would give (no hit counted)."""
+        return max(
+            (len(k) for k in self.entries if len(k) < len(ids) and tuple(ids[: len(k)]) == k), default=0
+        )
+
     def wants(self, prefix: list[int]) -> bool:
         return self.max_entries > 0 and len(prefix) >= MIN_PREFIX and tuple(prefix) not in self.entries
 

@@ -44,6 +44,7 @@ class Request:
     reused_tokens: int = 0  # prompt tokens whose KV was restored (session or shared prefix)
     restored_from: str = ""  # "", "memory", "disk", "prefix" or "recomputed" (a swap file was bad)
     preemptions: int = 0
+    auto_prefix: bool = False  # a stateless client's: reuse and keep KV for its account (auto_prefix.py)
 
     @property
     def account(self) -> Account:

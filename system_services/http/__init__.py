@@ -1,0 +1,1 @@
+"""llmosd's HTTP endpoint: OpenAI- and Ollama-compatible APIs on a unix socket (docs/http-api.md)."""
