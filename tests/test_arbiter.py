@@ -104,14 +104,19 @@ def test_a_corrupt_swap_file_means_recompute_not_failure(model_dir: Path, tmp_pa
     assert second.seq is not None and list(second.seq.output_ids) == plain[1]
 
 
-def test_a_shared_system_prompt_is_prefilled_once(model_dir: Path, tmp_path: Path) -> None:
+def test_a_system_prompt_is_prefilled_once_per_app_never_shared_across_apps(
+    model_dir: Path, tmp_path: Path
+) -> None:
     arb = _arbiter(model_dir, tmp_path)
     system = {"role": "system", "content": "Answer in French. " * 10}
     a = Request([system, {"role": "user", "content": "one"}], GREEDY, app_id="a")
-    b = Request([system, {"role": "user", "content": "two"}], GREEDY, app_id="b")
+    other = Request([system, {"role": "user", "content": "two"}], GREEDY, app_id="other")
+    b = Request([system, {"role": "user", "content": "two"}], GREEDY, app_id="a")
     _run(arb, a)
+    _run(arb, other)  # another app: its own prefill, as fast or slow as if "a" had never asked
     _run(arb, b)
-    assert a.reused_tokens == 0 and b.restored_from == "prefix" and b.reused_tokens > 30
+    assert a.reused_tokens == 0 and other.reused_tokens == 0 and other.restored_from == ""
+    assert b.restored_from == "prefix" and b.reused_tokens > 30
     fresh = _arbiter(model_dir, tmp_path / "f", prefix_cache_entries=0)
     c = Request([system, {"role": "user", "content": "two"}], GREEDY, app_id="b")
     _run(fresh, c)

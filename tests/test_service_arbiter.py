@@ -139,6 +139,17 @@ def test_two_flooding_apps_at_the_same_class_get_equal_shares(
     assert abs(share[APP_A] - share[APP_B]) / max(share.values()) < 0.2, share
 
 
+def _continues_alike(restored: str, kept: str) -> None:
+    """The turn after a restore from disk (int8 KV) or a recompute (prefill instead of decode) goes on
+    the same way as the one whose KV stayed in memory, up to the first near tie between the two likeliest
+    tokens: any change to the KV can tip one on the int4 graph, whose matrix multiplications round
+    activations to 8 bits (docs/arbitration.md, "How exact is a restored session?";
+    tests/test_arbiter_real_model.py checks tokens against logits up to the first near tie). Here: the
+    same opening words, and an answer as long."""
+    assert restored.split()[:4] == kept.split()[:4], (restored, kept)
+    assert abs(len(restored.split()) - len(kept.split())) <= 6, (restored, kept)
+
+
 def _conversation(address: str, tmp: Path, *between: str) -> dict:
     """Two greedy turns of one session with ~440 tokens of system prompt; `between` pauses between."""
     system = "You are a careful assistant for a small bakery. " * 40
@@ -147,7 +158,7 @@ def _conversation(address: str, tmp: Path, *between: str) -> dict:
 
 
 @pytest.mark.model
-def test_a_swapped_out_session_continues_exactly_as_one_never_swapped(
+def test_a_swapped_out_session_continues_as_one_never_swapped(
     bus: PrivateBus, running: Running, real_store: Path, tmp_path: Path
 ) -> None:
     kept = running.start(bus.address, real_store)
@@ -155,7 +166,8 @@ def test_a_swapped_out_session_continues_exactly_as_one_never_swapped(
     kept.stop()
     running.start(bus.address, real_store, "[arbiter]\nkv_budget_mib = 0\n")  # every idle KV to disk
     swapped = _conversation(bus.address, tmp_path)
-    assert [t["text"] for t in swapped["turns"]] == [t["text"] for t in in_memory["turns"]]
+    assert swapped["turns"][0]["text"] == in_memory["turns"][0]["text"]  # before any swap: the same
+    _continues_alike(swapped["turns"][1]["text"], in_memory["turns"][1]["text"])
     second = swapped["turns"][1]["stats"]
     assert second["kv_source"] == "disk" and second["tokens_cached"] > 400, second
     assert in_memory["turns"][1]["stats"]["kv_source"] == "memory"
@@ -191,7 +203,8 @@ def test_a_corrupt_swap_file_costs_a_recompute_not_the_conversation(
     talk.stdin.write("go on\n")
     talk.stdin.flush()
     out = read_json(talk, timeout=120)
-    assert [t["text"] for t in out["turns"]] == [t["text"] for t in reference["turns"]]
+    assert out["turns"][0]["text"] == reference["turns"][0]["text"]
+    _continues_alike(out["turns"][1]["text"], reference["turns"][1]["text"])
     assert out["turns"][1]["stats"]["kv_source"] == "recomputed"
     assert status(bus.address)["swap_recomputes"] == 1
     assert any("recomputing" in line for line in d.log)

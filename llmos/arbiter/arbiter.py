@@ -241,7 +241,7 @@ class Arbiter:
         seq.cache = engine.pool.allocate()
         key = self._park_key(req)
         if key is None and req.auto_prefix and not seq.output_ids:  # the account's own KV, alike
-            shared = self.prefix.longest(seq.prompt_ids)
+            shared = self.prefix.longest(req.account, seq.prompt_ids)
             if (auto := self.auto.best(req.account, seq.prompt_ids, shared)) is not None:
                 key = auto[0]
                 self.auto.used(req.account, key, min(auto[1], len(seq.prompt_ids) - 1))
@@ -256,7 +256,7 @@ class Arbiter:
                 n = min(_common_prefix(restored.ids, seq.prompt_ids), len(seq.prompt_ids) - 1)
             restored.into(seq.cache, n)
             req.restored_from = restored.source
-        elif not parked and not seq.output_ids and (hit := self.prefix.lookup(seq.prompt_ids)) is not None:
+        elif not parked and not seq.output_ids and (hit := self.prefix.lookup(req.account, seq.prompt_ids)):
             n, kv = hit
             seq.cache.load(kv)
             req.restored_from = "prefix"
@@ -292,8 +292,8 @@ class Arbiter:
             return
         prefix = self.prefix.shared_prefix(req.prompt, engine.encode_prompt)  # type: ignore[arg-type]
         passed = before < len(prefix) <= seq.prefilled and seq.prompt_ids[: len(prefix)] == prefix
-        if passed and self.prefix.wants(prefix):
-            self.prefix.add(prefix, seq.cache.export(len(prefix)))
+        if passed and self.prefix.wants(req.account, prefix):
+            self.prefix.add(req.account, prefix, seq.cache.export(len(prefix)))
 
     def _charge(self, req: Request, tokens: int) -> None:
         self.scheduler.charge(req.account, tokens)

@@ -8,13 +8,16 @@ Which tokens are "the prefix"? Not guessed from text: the messages are rendered 
 final user turns, and the tokens the two renderings share are the prefix. That is exact for any template
 and tokenizer (a BPE merge across the boundary just makes the shared part shorter), and the entry found
 for a prompt is always checked token by token against it.
+
+Entries belong to an owner (the arbiter's account, app id and uid) and serve only it: whether another
+app's system prompt was cached would show in one's own timing, telling one app what another asked.
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -25,36 +28,40 @@ MIN_PREFIX = 16  # shorter prefixes are not worth a copy and an entry
 class PrefixCache:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self.entries: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()  # LRU first
+        # (owner, prefix tokens) -> its KV; least recently used first
+        self.entries: OrderedDict[tuple[Hashable, tuple[int, ...]], np.ndarray] = OrderedDict()
         self._prefix_of: OrderedDict[str, list[int]] = OrderedDict()  # rendered-prefix memo
         self.hits = 0
         self.misses = 0
 
-    def lookup(self, ids: list[int]) -> tuple[int, np.ndarray] | None:
-        """The longest cached prefix of `ids` shorter than `ids` (one token is left to prefill)."""
-        best: tuple[int, ...] | None = None
-        for key in self.entries:
-            n = len(key)
-            if n < len(ids) and (best is None or n > len(best)) and tuple(ids[:n]) == key:
-                best = key
-        if best is None:
+    def _matches(self, owner: Hashable, ids: list[int]) -> list[tuple[Hashable, tuple[int, ...]]]:
+        return [
+            key
+            for key in self.entries
+            if key[0] == owner and len(key[1]) < len(ids) and tuple(ids[: len(key[1])]) == key[1]
+        ]
+
+    def lookup(self, owner: Hashable, ids: list[int]) -> tuple[int, np.ndarray] | None:
+        """`owner`'s longest cached prefix of `ids` shorter than `ids` (one token is left to prefill)."""
+        found = self._matches(owner, ids)
+        if not found:
             self.misses += 1
             return None
+        best = max(found, key=lambda key: len(key[1]))
         self.hits += 1
         self.entries.move_to_end(best)
-        return len(best), self.entries[best]
+        return len(best[1]), self.entries[best]
 
-    def longest(self, ids: list[int]) -> int:
-        """How many tokens of `ids` the best entry would give (no hit counted)."""
-        return max(
-            (len(k) for k in self.entries if len(k) < len(ids) and tuple(ids[: len(k)]) == k), default=0
-        )
+    def longest(self, owner: Hashable, ids: list[int]) -> int:
+        """How many tokens of `ids` `owner`'s best entry would give (no hit counted)."""
+        return max((len(key[1]) for key in self._matches(owner, ids)), default=0)
 
-    def wants(self, prefix: list[int]) -> bool:
-        return self.max_entries > 0 and len(prefix) >= MIN_PREFIX and tuple(prefix) not in self.entries
+    def wants(self, owner: Hashable, prefix: list[int]) -> bool:
+        key = (owner, tuple(prefix))
+        return self.max_entries > 0 and len(prefix) >= MIN_PREFIX and key not in self.entries
 
-    def add(self, prefix: list[int], kv: np.ndarray) -> None:
-        self.entries[tuple(prefix)] = kv
+    def add(self, owner: Hashable, prefix: list[int], kv: np.ndarray) -> None:
+        self.entries[(owner, tuple(prefix))] = kv
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
 
