@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmos.engine import native_ops
 from llmos.gguf_file import TensorInfo
-from llmos.gguf_layouts import LAYOUTS
+from llmos.gguf_layouts import LAYOUTS, Q4_1_LAYOUT
 from llmos.quant import pack_matrix
 
 SHAPES = {
@@ -68,7 +68,7 @@ def session(node: object, inits: list, k: int, n: int, threads: int):  # -> ort.
 
 def sessions(qtype: Q, n: int, k: int, threads: int) -> dict[str, object]:
     t = random_tensor(qtype, n, k)
-    lay = LAYOUTS[qtype]
+    lay = {**LAYOUTS, Q.Q4_1: Q4_1_LAYOUT}[qtype]
     native = helper.make_node(lay.op, ["x", "w"], ["y"], domain=native_ops.DOMAIN, K=k, N=n)
     w = numpy_helper.from_array(lay.regroup(np.asarray(t.data)), "w")
     p = pack_matrix(t, 4)

@@ -45,20 +45,36 @@ namespace llmos {
 constexpr int QX = 32;              // activations are rounded to int8 per block of 32
 constexpr size_t PREFETCH = 16384;  // bytes ahead: measured best of 4-32 KB at 0.5B/1B shapes (Q4_0)
 
-// One activation row rounded to int8 per block: x ~= d[b] * q[32b..32b+31]; s[b] = sum of the block's q.
+// Horizontal sum of 8 floats.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One activation row rounded to int8 per block: x ~= d[b] * q[32b..32b+31]; s[b] = sum of the block's q;
+// f[b] = sum of the block's unrounded x, for a weight type's per-block offset (Q4_1's m): sum_j m x_j =
+// m f exactly, as MatMulNBits's correction computes it, where m d s would add the rounding of 32 values.
 struct XQ {
   const int8_t* q;
   const float* d;
   const int32_t* s;
+  const float* f;
 };
 
-inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t* s) {
+inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t* s, float* f) {
   const int nb = K / QX;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int b = 0; b < nb; ++b) {
     const float* xb = x + b * QX;
-    __m256 m = _mm256_setzero_ps();
-    for (int i = 0; i < QX; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m256 m = _mm256_setzero_ps(), fsum = _mm256_setzero_ps();
+    for (int i = 0; i < QX; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xb + i);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+      fsum = _mm256_add_ps(fsum, v);
+    }
+    f[b] = hsum(fsum);
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
@@ -153,17 +169,20 @@ struct Kernel {
     thread_local std::vector<int8_t> q;
     thread_local std::vector<float> d;
     thread_local std::vector<int32_t> s;
+    thread_local std::vector<float> f;
     thread_local std::vector<XQ> xs;
     q.resize(size_t(M) * K);
     d.resize(size_t(M) * nx);
     s.resize(size_t(M) * nx);
+    f.resize(size_t(M) * nx);
     xs.resize(M);
     for (int m = 0; m < M; ++m) {
       int8_t* qm = q.data() + size_t(m) * K;
       float* dm = d.data() + size_t(m) * nx;
       int32_t* sm = s.data() + size_t(m) * nx;
-      quantize_row_q8(Ap + size_t(m) * K, int(K), qm, dm, sm);
-      xs[m] = XQ{qm, dm, sm};
+      float* fm = f.data() + size_t(m) * nx;
+      quantize_row_q8(Ap + size_t(m) * K, int(K), qm, dm, sm, fm);
+      xs[m] = XQ{qm, dm, sm, fm};
     }
     Job<T> job{B.GetTensorData<uint8_t>(), nb, int(N), M, xs.data(), Y};
     ctx.ParallelFor(run_task<T>, size_t(N / 16), 0, &job);
@@ -196,13 +215,5 @@ struct Registered {
     registered_ops().push_back(&op);
   }
 };
-
-// Horizontal sum of 8 floats.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 }  // namespace llmos
