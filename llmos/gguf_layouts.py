@@ -251,7 +251,13 @@ LAYOUTS: dict[int, X16Layout] = {
     T.Q4_0: X16Layout("GgufMatMulQ4_0x16", 32, 18, q4_0_x16, q4_0_ungroup),
     T.Q4_K: X16Layout("GgufMatMulQ4_Kx16", 256, 144, q4_k_x16, q4_k_ungroup),
     T.Q6_K: X16Layout("GgufMatMulQ6_Kx16", 256, 210, q6_k_x16, q6_k_ungroup),
-    T.Q4_1: X16Layout("GgufMatMulQ4_1x16", 32, 20, q4_1_x16, q4_1_ungroup),
     T.Q5_0: X16Layout("GgufMatMulQ5_0x16", 32, 22, q5_0_x16, q5_0_ungroup),
     T.Q8_0: X16Layout("GgufMatMulQ8_0x16", 32, 34, q8_0_x16, q8_0_ungroup),
 }
+
+# Q4_1's op is built and tested (tests/test_native_q32.py: it equals MatMulNBits + correction to ~5e-7 per
+# matrix, real SmolLM2 matrices included), but not yet used by import: in the whole SmolLM2-135M Q4_1
+# graph it drifts from the MatMulNBits graph (teacher-forced cosine against the exact graph min 0.984,
+# MatMulNBits 0.9967; tests/test_real_model.py bars 0.995), a cause not found yet. Add it to LAYOUTS once
+# it is.
+Q4_1_LAYOUT = X16Layout("GgufMatMulQ4_1x16", 32, 20, q4_1_x16, q4_1_ungroup)

@@ -35,7 +35,7 @@ MS = "com.microsoft"
 GGUF_DOMAIN = "llmos.gguf"  # llmos's native op library (engine/native_ops.py, native/gguf_ops.cc)
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
-BUILDER_VERSION = 9  # bump when the graph changes, so imports are redone
+BUILDER_VERSION = 10  # bump when the graph changes, so imports are redone
 ALIGN = 4096  # weight offsets in the data file: page-aligned, so they can be mapped
 INLINE_BYTES = 1024  # smaller initializers stay inside model.onnx
 

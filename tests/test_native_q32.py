@@ -25,13 +25,15 @@ from llmos.engine import native_ops
 from llmos.engine.embedding import EmbeddingTable
 from llmos.engine.llm_engine import LLMEngine
 from llmos.gguf_file import GGUFFile, TensorInfo
-from llmos.gguf_layouts import LAYOUTS, _interleave, gguf_rows, q4_0_x16
+from llmos.gguf_layouts import LAYOUTS as IMPORT_LAYOUTS
+from llmos.gguf_layouts import Q4_1_LAYOUT, _interleave, gguf_rows, q4_0_x16
 from llmos.manifest import ModelManifest
 from llmos.model_store import ModelStore
-from llmos.quant import dequantize, dequantize_rows
+from llmos.quant import dequantize, dequantize_rows, int_blocks
 from llmos.tiny_model import write_random_gguf
 
 TYPES = [Q.Q8_0, Q.Q5_0, Q.Q4_1]
+LAYOUTS = {**IMPORT_LAYOUTS, Q.Q4_1: Q4_1_LAYOUT}  # Q4_1's op is tested, not yet used by import
 SCALES = {Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q4_1: (0, 2)}  # byte offsets of the fp16 fields of a block
 TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 1000, 48)]
 missing_reason = native_ops.unavailable_reason()
@@ -100,12 +102,17 @@ def test_dequantize_rows_is_what_gguf_dequantizes(qtype: Q) -> None:
     assert w.dtype == np.float32 and np.array_equal(w, weights(qtype, raw))
 
 
-def q8_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w.T with x rounded to int8 per block of 32, as the op (and llama.cpp's q8_0) rounds it."""
+def q8_reference(x: np.ndarray, w: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    """x @ w.T with x rounded to int8 per block of 32, as the op (and llama.cpp's q8_0) rounds it; the
+    part of w that is a per-block constant `offset` [N, K/32], if given, times the exact x's block sums."""
     xb = x.reshape(*x.shape[:-1], -1, 32)
     d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
     q = np.rint(xb / np.where(d == 0, 1, d))
-    return (q * d).reshape(x.shape).astype(np.float64) @ w.T.astype(np.float64)
+    xr = (q * d).reshape(x.shape).astype(np.float64)
+    if offset is None:
+        return xr @ w.T.astype(np.float64)
+    o = np.repeat(offset.astype(np.float64), 32, axis=-1)  # [N, K]
+    return xr @ (w.astype(np.float64) - o).T + x.astype(np.float64) @ o.T
 
 
 def op_session(qtype: Q, x16: np.ndarray, n: int, k: int):  # -> ort.InferenceSession
@@ -139,7 +146,10 @@ def test_op_computes_the_product_of_the_exact_weights(qtype: Q, shape: tuple[int
     x = rng.standard_normal((*shape, k)).astype(np.float32)
     y = op_session(qtype, LAYOUTS[qtype].regroup(raw), n, k).run(None, {"x": x})[0]
     assert y.shape == (*shape, n)
-    ref = q8_reference(x, weights(qtype, raw))
+    blocks = int_blocks(TensorInfo("w", qtype, (n, k), raw))
+    assert blocks is not None
+    # Q4_1: the op meets rounded activations with d (q - 8) and exact ones with m + 8 d (as MatMulNBits)
+    ref = q8_reference(x, weights(qtype, raw), None if blocks.o is None else blocks.o + 8 * blocks.s)
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()  # float32 sums of the same integers
 
 

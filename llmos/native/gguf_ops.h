@@ -45,13 +45,24 @@ namespace llmos {
 constexpr int QX = 32;              // activations are rounded to int8 per block of 32
 constexpr size_t PREFETCH = 16384;  // bytes ahead: measured best of 4-32 KB at 0.5B/1B shapes (Q4_0)
 
+// Horizontal sum of 8 floats.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // One activation row rounded to int8 per block: x ~= d[b] * q[32b..32b+31]; s[b] = sum of the block's q;
-// h[b] = sum of its first 16 q (types with 16-weight sub-blocks, Q6_K, offset each half on its own).
+// h[b] = sum of its first 16 q (types with 16-weight sub-blocks, Q6_K, offset each half on its own);
+// f[b] = sum of the block's unrounded x, for a weight type's per-block offset (Q4_1's m): sum_j m x_j =
+// m f exactly, as MatMulNBits's correction computes it, where m d s would add the rounding of 32 values.
 struct XQ {
   const int8_t* q;
   const float* d;
   const int32_t* s;
   const int32_t* h;
+  const float* f;
 };
 
 inline int32_t hsum_epi32(__m256i v) {
@@ -61,13 +72,18 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s4);
 }
 
-inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t* s, int32_t* h) {
+inline void quantize_row_q8(const float* x, int K, int8_t* q, float* d, int32_t* s, int32_t* h, float* f) {
   const int nb = K / QX;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int b = 0; b < nb; ++b) {
     const float* xb = x + b * QX;
-    __m256 m = _mm256_setzero_ps();
-    for (int i = 0; i < QX; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m256 m = _mm256_setzero_ps(), fsum = _mm256_setzero_ps();
+    for (int i = 0; i < QX; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xb + i);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+      fsum = _mm256_add_ps(fsum, v);
+    }
+    f[b] = hsum(fsum);
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
@@ -160,19 +176,22 @@ struct Kernel {
     thread_local std::vector<float> d;
     thread_local std::vector<int32_t> s;
     thread_local std::vector<int32_t> h;
+    thread_local std::vector<float> f;
     thread_local std::vector<XQ> xs;
     q.resize(size_t(M) * K);
     d.resize(size_t(M) * nx);
     s.resize(size_t(M) * nx);
     h.resize(size_t(M) * nx);
+    f.resize(size_t(M) * nx);
     xs.resize(M);
     for (int m = 0; m < M; ++m) {
       int8_t* qm = q.data() + size_t(m) * K;
       float* dm = d.data() + size_t(m) * nx;
       int32_t* sm = s.data() + size_t(m) * nx;
       int32_t* hm = h.data() + size_t(m) * nx;
-      quantize_row_q8(Ap + size_t(m) * K, int(K), qm, dm, sm, hm);
-      xs[m] = XQ{qm, dm, sm, hm};
+      float* fm = f.data() + size_t(m) * nx;
+      quantize_row_q8(Ap + size_t(m) * K, int(K), qm, dm, sm, hm, fm);
+      xs[m] = XQ{qm, dm, sm, hm, fm};
     }
     Job<T> job{B.GetTensorData<uint8_t>(), nb, int(N), M, xs.data(), Y};
     ctx.ParallelFor(run_task<T>, size_t(N / 16), 0, &job);
@@ -214,14 +233,6 @@ inline __m256i dpbusd8(__m256i acc, __m256i w, __m256i x) {
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 #endif
-}
-
-// Horizontal sum of 8 floats.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 }  // namespace llmos
