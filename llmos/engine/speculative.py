@@ -36,6 +36,7 @@ from llmos.engine.sequence import Sequence
 
 MAX_DRAFT = 8
 DECAY = 0.7  # weight of earlier verify steps in a sequence's acceptance estimate
+SPEC_KEYS = ("draft_tokens", "accepted_tokens", "forced_tokens")  # Usage fields, totals in GetStatus
 PRIOR = (1.0, 1.0)  # (accepted, rejected) pseudo-counts: a new sequence starts at a = 0.5
 
 
@@ -100,6 +101,7 @@ class Speculator:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.cost = CostModel()
+        self.totals = dict.fromkeys(SPEC_KEYS, 0)  # over every sequence this engine ran
 
     # -- planning ---------------------------------------------------------------------------------------
     def _room(self, seq: Sequence) -> int:
@@ -190,9 +192,12 @@ class Speculator:
                 break
         if p.forced:
             seq.usage.forced_tokens += accepted
+            self.totals["forced_tokens"] += accepted
         else:
             seq.usage.draft_tokens += len(p.draft)
             seq.usage.accepted_tokens += accepted
+            self.totals["draft_tokens"] += len(p.draft)
+            self.totals["accepted_tokens"] += accepted
             assert seq.spec is not None
             seq.spec.record(len(p.draft), accepted)
         cache.truncate(start + n)
