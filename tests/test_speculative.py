@@ -116,7 +116,7 @@ def test_rejected_positions_are_rolled_back(engine: LLMEngine) -> None:
         engine.step()
     length = seq.cache.length  # type: ignore[union-attr]
     wrong = [(seq.last_token + 1) % 300] * 4
-    p = Plan(seq, wrong, False, 1.0, 1.0)
+    p = Plan(seq, wrong, 0, 1.0, 1.0)
     seq.spec = DraftState(NgramDrafter(seq.prompt_ids))
     engine.speculator.verify(p)
     assert seq.cache.length == length + 1  # type: ignore[union-attr]
@@ -147,7 +147,7 @@ def test_sampling_rule_keeps_the_distribution(engine: LLMEngine) -> None:
             seq.cache.truncate(start)  # type: ignore[union-attr]
             seq.status = seq.status.RUNNING
             if draft:
-                engine.speculator.verify(Plan(seq, [likely, likely], False, 1.0, 1.0))
+                engine.speculator.verify(Plan(seq, [likely, likely], 0, 1.0, 1.0))
             else:
                 engine.decode([seq])
             tok = seq.output_ids[len(first)]
@@ -200,3 +200,77 @@ def test_arbiter_identical_after_session_restore(model_dir: Path, tmp_path: Path
     spec, snap = run(True)
     assert spec == plain
     assert snap["draft_tokens"] >= snap["accepted_tokens"] > 0
+
+
+# -- the real default model: real text, a real grammar -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_engine(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> LLMEngine:
+    d = ModelStore(tmp_path_factory.mktemp("real")).import_gguf(default_gguf, precision="int4")
+    return LLMEngine(d, threads=2, warmup=False, max_batch=2)
+
+
+TOOL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tool": {"enum": ["send_email", "create_event"]},
+        "arguments": {
+            "type": "object",
+            "properties": {
+                "recipient": {"type": "string", "maxLength": 40},
+                "subject": {"type": "string", "maxLength": 60},
+            },
+            "required": ["recipient", "subject"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["tool", "arguments"],
+    "additionalProperties": False,
+}
+
+
+def _constrained(engine: LLMEngine, spec: bool, **sampling: object) -> tuple[list[int], str, object]:
+    import json
+
+    from agents.structured_output import StructuredOutput
+
+    constraint = StructuredOutput(engine.tokenizer).constraint(json.dumps(TOOL_SCHEMA))
+    msgs = [{"role": "user", "content": "Email bob@example.com that the meeting moved to Friday."}]
+    params = SamplingParams(**{"max_tokens": 80, "speculative": spec, **sampling})  # type: ignore[arg-type]
+    chunks = list(engine.stream(msgs, params, constraint=constraint))
+    ids = [t for c in chunks for t in c.token_ids]
+    return ids, "".join(c.text for c in chunks), chunks[-1].usage
+
+
+def test_jump_forward_equals_unforced_constrained_output(real_engine: LLMEngine) -> None:
+    import json
+
+    plain_ids, plain_text, plain_usage = _constrained(real_engine, False)
+    ids, text, usage = _constrained(real_engine, True)
+    assert (ids, text) == (plain_ids, plain_text)
+    json.loads(text)
+    assert plain_usage.forced_tokens == 0  # type: ignore[attr-defined]
+    assert usage.forced_tokens >= 8  # type: ignore[attr-defined]  # '{"tool": "', keys, brackets
+
+
+def test_jump_forward_seeded_sampling_identical(model_dir: Path) -> None:
+    """Sampled and seeded, on an exact (fp32) graph: forced tokens change nothing downstream."""
+    engine = LLMEngine(model_dir, threads=1, warmup=False, max_batch=2)
+    kw = {"temperature": 1.0, "seed": 9, "max_tokens": 60}
+    plain = _constrained(engine, False, **kw)
+    spec = _constrained(engine, True, **kw)
+    assert spec[:2] == plain[:2]
+    assert spec[2].forced_tokens > 0  # type: ignore[attr-defined]
+
+
+def test_grounded_copy_is_drafted_and_identical(real_engine: LLMEngine) -> None:
+    passage = (
+        "The lighthouse at Pharos stood at the entrance to the port of Alexandria, and for centuries it "
+        "was counted among the wonders of the world. Its keepers burned wood and oil through the night."
+    )
+    msgs = [{"role": "user", "content": f"Repeat this sentence exactly:\n\n{passage}"}]
+    plain = real_engine.generate(msgs, SamplingParams(max_tokens=48, speculative=False))
+    spec = real_engine.generate(msgs, SamplingParams(max_tokens=48))
+    assert spec.token_ids == plain.token_ids
+    assert spec.usage.accepted_tokens >= 20

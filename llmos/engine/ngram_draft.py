@@ -45,12 +45,13 @@ class NgramDrafter:
         if seen < len(output):
             self.extend(output[seen:])
 
-    def draft(self, k: int) -> list[int]:
-        """Up to `k` tokens that followed the longest recent n-gram equal to the current suffix."""
-        toks, end = self.tokens, len(self.tokens)
+    def draft(self, k: int, tail: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Up to `k` tokens that followed the longest recent n-gram equal to the current suffix (of the
+        tokens seen, then `tail`: tokens certain to come next, such as a grammar's forced ones)."""
         if k <= 0:
             return []
+        suffix = self.tokens[-max(self.sizes) :] + list(tail)
         for n in self.sizes:
-            if end >= n and (p := self.index.get(tuple(toks[end - n :]))) is not None:
-                return toks[p : p + k]
+            if len(suffix) >= n and (p := self.index.get(tuple(suffix[-n:]))) is not None:
+                return self.tokens[p : p + k]
         return []

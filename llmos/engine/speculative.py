@@ -92,7 +92,7 @@ class CostModel:
 class Plan:
     seq: Sequence
     draft: list[int]
-    forced: bool  # grammar-forced tokens: appended without sampling
+    forced: int  # the first `forced` draft tokens are the grammar's: appended without sampling
     tokens: float  # expected tokens from its run
     seconds: float  # expected cost of its run
 
@@ -111,33 +111,30 @@ class Speculator:
         return max(0, min(MAX_DRAFT, left, seq.max_len - seq.cache.length - 2))
 
     def _plan(self, seq: Sequence) -> Plan | None:
+        """The best draft for `seq` alone: grammar-forced tokens, then an n-gram guess of the length that
+        maximizes expected tokens per second at its acceptance rate."""
         room = self._room(seq)
-        if room == 0:
+        if room == 0 or not seq.params.speculative:
             return None
-        forced = getattr(seq.constraint, "forced_tokens", None)
-        if seq.constraint is not None:  # jump-forward only: a grammar's own drafts are exact
-            draft = forced()[:room] if forced is not None else []
-            if not draft:
-                return None
-            return Plan(seq, draft, True, len(draft) + 1, self.cost.verify(len(draft) + 1))
-        if not seq.params.speculative:
-            return None
+        forced: list[int] = []
+        if seq.constraint is not None:
+            ask = getattr(seq.constraint, "forced_tokens", None)
+            forced = ask()[:room] if ask is not None else []
         if seq.spec is None:
             seq.spec = DraftState(NgramDrafter(seq.prompt_ids))
         state: DraftState = seq.spec
         state.drafter.sync(seq.prompt_ids, seq.output_ids)
-        proposal = state.drafter.draft(room)
-        if not proposal:
+        guess = state.drafter.draft(room - len(forced), tail=forced)
+        if not guess:
             state.idle()
-            return None
-        a, best = state.rate, None
-        expected = 1.0
-        for k in range(1, len(proposal) + 1):
+        best = Plan(seq, forced, len(forced), len(forced) + 1.0, self.cost.verify(len(forced) + 1))
+        a, expected = state.rate, best.tokens
+        for k in range(1, len(guess) + 1):
             expected += a**k
-            seconds = self.cost.verify(k + 1)
-            if best is None or expected / seconds > best.tokens / best.seconds:
-                best = Plan(seq, proposal[:k], False, expected, seconds)
-        return best
+            seconds = self.cost.verify(len(forced) + k + 1)
+            if expected / seconds > best.tokens / best.seconds:
+                best = Plan(seq, forced + guess[:k], len(forced), expected, seconds)
+        return best if best.draft else None
 
     def plan(self, batch: list[Sequence]) -> tuple[list[Sequence], list[Plan]]:
         """Split a decode step: sequences for the one batched run, and drafts each with a run of its own,
@@ -152,7 +149,7 @@ class Speculator:
         for p in plans:
             t = tokens - 1 + p.tokens
             s = seconds - self.cost.decode(len(plain)) + self.cost.decode(len(plain) - 1) + p.seconds
-            if p.forced or t / s > tokens / seconds:
+            if t / s > tokens / seconds:
                 plain.remove(p.seq)
                 chosen.append(p)
                 tokens, seconds = t, s
@@ -173,32 +170,33 @@ class Speculator:
         assert cache is not None
         start = cache.length
         fed = [seq.last_token, *p.draft]
+        every = len(p.draft) > p.forced  # logits at every position, or (forced tokens only) the last
         t0 = time.perf_counter()
-        logits = self.runner.prefill(cache, fed, all_logits=not p.forced)
+        logits = self.runner.prefill(cache, fed, all_logits=every)
         dt = time.perf_counter() - t0
-        if not p.forced:  # forced runs compute one logits row: they are cheaper, not a fair sample
+        if every:  # a run with one logits row is cheaper: not a fair sample of verify cost
             self.cost._update(self.cost.verify_s, len(fed), dt)
         seq.usage.decode_s += dt
-        out, n, accepted = [], 0, 0
+        out, n, hits = [], 0, 0
         for j in range(len(fed)):
             cache.length = start + j + 1  # the KV holds the fed tokens up to this one
-            forced = p.forced and j < len(p.draft)
-            token = p.draft[j] if forced else seq.sample(logits[-1 if p.forced else j])
+            forced = j < p.forced
+            token = p.draft[j] if forced else seq.sample(logits[j if every else -1])
             out.append(seq.accept(token))
             n += 1
             hit = j < len(p.draft) and token == p.draft[j]
-            accepted += hit
+            hits += hit and not forced
             if seq.finished or not hit:
                 break
-        if p.forced:
-            seq.usage.forced_tokens += accepted
-            self.totals["forced_tokens"] += accepted
-        else:
-            seq.usage.draft_tokens += len(p.draft)
-            seq.usage.accepted_tokens += accepted
-            self.totals["draft_tokens"] += len(p.draft)
-            self.totals["accepted_tokens"] += accepted
+        forced_n, drafted = min(n, p.forced), len(p.draft) - p.forced
+        seq.usage.forced_tokens += forced_n
+        self.totals["forced_tokens"] += forced_n
+        if drafted:
+            seq.usage.draft_tokens += drafted
+            seq.usage.accepted_tokens += hits
+            self.totals["draft_tokens"] += drafted
+            self.totals["accepted_tokens"] += hits
             assert seq.spec is not None
-            seq.spec.record(len(p.draft), accepted)
+            seq.spec.record(drafted, hits)
         cache.truncate(start + n)
         return "".join(out)
