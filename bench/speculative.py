@@ -4,9 +4,11 @@ Four workloads on the default model (bench/_spec_workloads.py), greedy, each end
 or its token limit: free text (bench/engine.py's 256-token prompt), a grounded extraction from a
 public-domain passage, three agent tool steps (JSON, constrained by a JSON Schema in both engines:
 llguidance in llmos, a GBNF grammar from the same schema in llama.cpp), and a code edit that returns
-most of its input. Engines, each in its own fresh child, one child at a time, alternating for
-`--rounds` rounds (bench/engine.py's machinery: wait for a quiet machine, measure how busy the others
-were, repeat a contended child):
+most of its input. (llama.cpp's tool steps run unconstrained unless --peer-grammar: llama-cpp-python's
+grammar sampler takes about a second a token on this model's 49k vocabulary here, which would make
+that column about the sampler, not decoding.) Engines, each in its own fresh child, one child at a
+time, alternating for `--rounds` rounds (bench/engine.py's machinery: wait for a quiet machine,
+measure how busy the others were, repeat a contended child):
 
 * llmos: `LLMEngine.stream()` (speculation and jump-forward on, the default), and once more with
   `speculative=False` (every token one graph run: the baseline speculation must beat);
@@ -157,7 +159,7 @@ def llamacpp_child() -> None:
 
     def run(prompt: list[int], w: dict[str, Any]) -> dict[str, Any]:
         grammar = None
-        if w.get("json_schema"):
+        if w.get("json_schema") and cfg.get("grammar"):
             if w["json_schema"] not in grammars:
                 grammars[w["json_schema"]] = LlamaGrammar.from_json_schema(w["json_schema"], verbose=False)
             grammar = grammars[w["json_schema"]]
@@ -199,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet machine")
     ap.add_argument("--quiet-below", type=float, default=0.15)
     ap.add_argument("--retries", type=int, default=0, help="run a contended child again (default 0)")
+    ap.add_argument(
+        "--peer-grammar",
+        action="store_true",
+        help="constrain llama.cpp's tool steps too (its GBNF sampler takes ~1 s a token here: slow)",
+    )
     for c in ("prep", "llmos", "llamacpp"):
         ap.add_argument(f"--child-{c}", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -216,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     py, me = sys.executable, str(Path(__file__).resolve())
     info = eb.run_child("prep", [py, me, "--child-prep"], {"store": str(args.model_dir or "") or None}, 1800)
-    base = {"threads": args.threads, "workloads": info["workloads"], "eos_ids": info["eos_ids"]}
+    base = {
+        "threads": args.threads,
+        "workloads": info["workloads"],
+        "eos_ids": info["eos_ids"],
+        "grammar": args.peer_grammar,
+    }
     children = {
         "llmos": ([py, me, "--child-llmos"], {**base, "model_dir": info["model_dir"], "speculative": True}),
         "llmos no-spec": (
