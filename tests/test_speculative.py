@@ -171,8 +171,9 @@ def _chi2_sf(x: float, k: int) -> float:
 
 
 def test_arbiter_identical_after_session_restore(model_dir: Path, tmp_path: Path) -> None:
-    """Two turns of one session through the arbiter (the second restores the parked KV), with and
-    without speculation; stats reach the snapshot."""
+    """Three turns of one session through the arbiter, the second restoring the parked KV from memory,
+    the third from disk (int8, so lossy: both runs restore the same bytes), with and without
+    speculation; stats reach the snapshot."""
 
     def run(spec: bool) -> tuple[list[list[int]], dict]:
         arb = Arbiter(
@@ -181,16 +182,16 @@ def test_arbiter_identical_after_session_restore(model_dir: Path, tmp_path: Path
             SwapStore(tmp_path / f"swap{spec}", model_key="tiny"),
         )
         outs, prompt = [], list(PROMPT)
-        for turn in range(2):
-            req = Request(
-                prompt, SamplingParams(max_tokens=20, ignore_eos=True, speculative=spec), session_key="s"
-            )
+        for turn, source in enumerate(("", "memory", "disk")):
+            if source == "disk":
+                assert arb.swap_out_idle() == 1
+            params = SamplingParams(max_tokens=20, ignore_eos=True, speculative=spec)
+            req = Request(prompt, params, session_key="s")
             arb.submit(req)
             while arb.step():
                 pass
             assert req.error is None and req.seq is not None
-            if turn:
-                assert req.restored_from == "memory"
+            assert req.restored_from == source, turn
             outs.append(list(req.seq.output_ids))
             prompt = prompt + req.seq.output_ids + PATTERN[:5]
         arb.publish()
@@ -200,6 +201,40 @@ def test_arbiter_identical_after_session_restore(model_dir: Path, tmp_path: Path
     spec, snap = run(True)
     assert spec == plain
     assert snap["draft_tokens"] >= snap["accepted_tokens"] > 0
+
+
+def test_speculation_backs_off_in_a_full_batch(engine: LLMEngine) -> None:
+    """With costs like the real model's on two cores (a verify run of k+1 positions ~1 + 0.18k decode
+    steps, a batch row ~0.15 of one), a sequence alone speculates at middling acceptance, but in a batch
+    of four only a sequence whose drafts are nearly always right leaves the shared run."""
+    from llmos.engine.speculative import Speculator
+
+    spec = Speculator(engine.runner)
+    spec.cost = CostModel(decode_s={1: 0.01})
+    seqs = []
+    for _ in range(4):
+        s = engine.add_request(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))
+        seqs.append(s)
+    while any(s.prefilled < len(s.prompt_ids) or not s.output_ids for s in seqs):
+        engine.step()
+
+    def state(hits: float, misses: float) -> DraftState:
+        d = NgramDrafter()
+        d.sync = lambda prompt, output: None  # type: ignore[method-assign]
+        d.draft = lambda k, tail=(): [5] * k  # type: ignore[method-assign]  # always a full proposal
+        return DraftState(d, hits, misses)
+
+    for s in seqs:
+        s.spec = state(3.0, 3.0)  # acceptance 0.5
+    assert spec.plan(seqs[:1])[1], "alone, a 0.5-acceptance draft pays"
+    plain, drafts = spec.plan(seqs)
+    assert not drafts and plain == seqs
+    seqs[0].spec = state(60.0, 0.0)  # acceptance ~0.98
+    plain, drafts = spec.plan(seqs)
+    assert [p.seq for p in drafts] == [seqs[0]] and len(drafts[0].draft) >= 4
+    for s in seqs:
+        engine.cancel(s)
+        engine.release(s)
 
 
 # -- the real default model: real text, a real grammar -------------------------------------------------
@@ -274,37 +309,3 @@ def test_grounded_copy_is_drafted_and_identical(real_engine: LLMEngine) -> None:
     spec = real_engine.generate(msgs, SamplingParams(max_tokens=48))
     assert spec.token_ids == plain.token_ids
     assert spec.usage.accepted_tokens >= 20
-
-
-def test_speculation_backs_off_in_a_full_batch(engine: LLMEngine) -> None:
-    """With costs like the real model's on two cores (a verify run of k+1 positions ~1 + 0.18k decode
-    steps, a batch row ~0.15 of one), a sequence alone speculates at middling acceptance, but in a batch
-    of four only a sequence whose drafts are nearly always right leaves the shared run."""
-    from llmos.engine.speculative import Speculator
-
-    spec = Speculator(engine.runner)
-    spec.cost = CostModel(decode_s={1: 0.01})
-    seqs = []
-    for _ in range(4):
-        s = engine.add_request(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))
-        seqs.append(s)
-    while any(s.prefilled < len(s.prompt_ids) or not s.output_ids for s in seqs):
-        engine.step()
-
-    def state(hits: float, misses: float) -> DraftState:
-        d = NgramDrafter()
-        d.sync = lambda prompt, output: None  # type: ignore[method-assign]
-        d.draft = lambda k, tail=(): [5] * k  # type: ignore[method-assign]  # always a full proposal
-        return DraftState(d, hits, misses)
-
-    for s in seqs:
-        s.spec = state(3.0, 3.0)  # acceptance 0.5
-    assert spec.plan(seqs[:1])[1], "alone, a 0.5-acceptance draft pays"
-    plain, drafts = spec.plan(seqs)
-    assert not drafts and plain == seqs
-    seqs[0].spec = state(60.0, 0.0)  # acceptance ~0.98
-    plain, drafts = spec.plan(seqs)
-    assert [p.seq for p in drafts] == [seqs[0]] and len(drafts[0].draft) >= 4
-    for s in seqs:
-        engine.cancel(s)
-        engine.release(s)
