@@ -65,8 +65,10 @@ class DraftState:
 @dataclass
 class CostModel:
     """Seconds per graph run, measured as the engine runs: batched decode by batch size, single-sequence
-    verify runs by positions. Until measured, guesses relative to a one-row decode (from
-    docs/performance.md on two cores: a second row costs ~6%, a verify position ~18%)."""
+    verify runs by positions. Until measured, guesses relative to a one-row decode step: a batch row
+    ~15% of it (DESIGN.md §2b: 90/169/234/293 tok/s at batch 1/2/4/8 on two cores), a verify position
+    ~18% (2/5/9 positions = 1.2/1.6/2.4 steps, measured on a busy machine). Measured figures replace
+    them at once, and follow the machine's load (exponential average)."""
 
     decode_s: dict[int, float] = field(default_factory=dict)
     verify_s: dict[int, float] = field(default_factory=dict)
