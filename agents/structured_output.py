@@ -133,8 +133,18 @@ class JsonSchemaConstraint:
         self.mask_s += time.perf_counter() - t0
 
     def advance(self, token: int) -> None:
+        if not self._next.cancel():  # one thread at a time in the matcher (a mask may still be computing)
+            self._next.result()
         self.matcher.consume_token(token)
         self._next = self.owner._pool.submit(self._compute)
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar admits as the only continuation from here (jump-forward; see
+        llmos/engine/speculative.py). llguidance leaves out a last token a longer one could replace."""
+        self._next.result()  # not while the pending mask reads the matcher
+        if self.matcher.is_error():
+            return []
+        return list(self.matcher.compute_ff_tokens())
 
     @property
     def complete(self) -> bool:

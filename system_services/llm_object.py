@@ -48,6 +48,9 @@ ARBITER_FIGURES = {
     "swap_failures": "u",
     "kv_over_budget_bytes": "t",
     "model_loads": "u",
+    "draft_tokens": "t",  # speculative decoding since start: n-gram draft tokens verified
+    "accepted_tokens": "t",  # of those, kept
+    "forced_tokens": "t",  # grammar-forced tokens appended without sampling (jump-forward)
 }
 APP_FIGURES = {
     "queued": "u",

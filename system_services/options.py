@@ -24,6 +24,7 @@ KNOWN: dict[str, tuple[frozenset[str], str]] = {
     "seed": (_INT, "an integer"),
     "stop": (frozenset({"as"}), "an array of strings"),
     "ignore_eos": (frozenset("b"), "a boolean"),  # keep going past end-of-sequence: benchmarks, tests
+    "speculative": (frozenset("b"), "a boolean"),  # false: no n-gram drafts (the output is the same)
     "system_prompt": (frozenset("s"), "a string"),
     "handle_token": (frozenset("s"), "a string"),
     "priority": (frozenset("s"), "a string"),
@@ -31,7 +32,17 @@ KNOWN: dict[str, tuple[frozenset[str], str]] = {
     "messages": (frozenset({"aa{ss}"}), "an array of {role, content} dictionaries (aa{ss})"),
 }
 PRIORITIES = ("interactive", "normal", "background")
-SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos")
+SAMPLING = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "speculative",
+)
 
 
 @dataclass(frozen=True)

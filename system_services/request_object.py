@@ -43,6 +43,9 @@ def stats(result: JobResult) -> dict[str, Variant]:
         "priority": Variant("s", result.priority),  # the class it ran at (asked for, capped by policy)
         "ttft_ms": Variant("d", usage.ttft_s * 1000.0),
         "tokens_per_s": Variant("d", usage.decode_tok_s),
+        "draft_tokens": Variant("u", usage.draft_tokens),  # speculative decoding: drafted and verified
+        "accepted_tokens": Variant("u", usage.accepted_tokens),  # of those, kept
+        "forced_tokens": Variant("u", usage.forced_tokens),  # appended without sampling (grammar)
     }
 
 

@@ -140,6 +140,10 @@ def test_generate_returns_text_and_stats(bus: PrivateBus, daemon: Daemon) -> Non
     assert out["stats"]["tokens_out"] == 12 and out["stats"]["finish_reason"] == "length"
     assert out["stats"]["tokens_in"] > 3 and out["stats"]["ttft_ms"] > 0 and out["stats"]["tokens_per_s"] > 0
     assert isinstance(out["text"], str)
+    assert out["stats"]["draft_tokens"] >= out["stats"]["accepted_tokens"] >= 0
+    assert out["stats"]["forced_tokens"] == 0
+    off = client(bus.address, "generate", "Hello there", json.dumps({"max_tokens": 12, "speculative": False}))
+    assert off["stats"]["draft_tokens"] == 0 and off["stats"]["accepted_tokens"] == 0
 
 
 @pytest.mark.parametrize(
@@ -147,6 +151,7 @@ def test_generate_returns_text_and_stats(bus: PrivateBus, daemon: Daemon) -> Non
     [
         ({"bogus": 1}, "InvalidArgument"),
         ({"max_tokens": "many"}, "InvalidArgument"),
+        ({"speculative": "no"}, "InvalidArgument"),
         ({"max_tokens": 0}, "InvalidArgument"),
         ({"max_tokens": 10**6}, "InvalidArgument"),
         ({"temperature": -1.0}, "InvalidArgument"),

@@ -31,6 +31,7 @@ from llmos.arbiter.swap_store import SwapStore
 from llmos.engine.llm_engine import LLMEngine
 from llmos.engine.memory import release_free_heap
 from llmos.engine.sequence import FinishReason
+from llmos.engine.speculative import SPEC_KEYS
 from llmos.errors import ContextOverflowError, QuotaExceededError
 from llmos.log_limit import LimitedLog
 
@@ -76,6 +77,7 @@ class Arbiter:
         self.prefix = PrefixCache(config.prefix_cache_entries)
         self.auto = AutoPrefix(self.kv, config.auto_prefix_per_app)
         self.usage: dict[Account, AppUsage] = defaultdict(AppUsage)
+        self._spec_unloaded: dict[str, int] = {}  # speculation totals of engines since unloaded
         self.last_active = time.monotonic()
         self.loads = 0
         self.device = ""  # the execution provider in use (kept while unloaded: the one used last)
@@ -112,6 +114,7 @@ class Arbiter:
         self.auto.clear()  # a stateless client's KV is a cache: not worth a disk write
         self.kv.swap_out_all()
         self.prefix.clear()
+        self._spec_unloaded = self.speculation_totals()
         self.engine = None
         gc.collect()  # the session, its pool and the runner's buffers go now, not at some later cycle
         release_free_heap()
@@ -205,9 +208,11 @@ class Arbiter:
                 if delta is not None:
                     self._deliver(req, delta)
             elif kind == "decode":
+                before = [len(r.seq.output_ids) for r in batch]  # type: ignore[union-attr]
                 deltas = engine.decode([r.seq for r in batch])  # type: ignore[misc]
-                for req, delta in zip(batch, deltas, strict=True):
-                    self._charge(req, 1)
+                for req, delta, n in zip(batch, deltas, before, strict=True):
+                    assert req.seq is not None
+                    self._charge(req, len(req.seq.output_ids) - n)  # several with a draft accepted
                     self._deliver(req, delta)
         except Exception as e:  # a failing run fails the requests in it, never the arbiter
             self.log.failed(
@@ -412,9 +417,15 @@ class Arbiter:
             "auto_prefix_hits": self.auto.hits,
             "auto_prefix_tokens": self.auto.tokens,
             "model_loads": self.loads,
+            **self.speculation_totals(),
             "device": self.device,
             "device_failures": list(self.device_failures),
         }
+
+    def speculation_totals(self) -> dict[str, int]:
+        """Draft, accepted and forced tokens since start (models unloaded since included)."""
+        live = self.engine.speculator.totals if self.engine is not None else {}
+        return {k: self._spec_unloaded.get(k, 0) + live.get(k, 0) for k in SPEC_KEYS}
 
     def tokens_last_minute(self, account: Account) -> tuple[int, float]:
         """(tokens in the last minute, seconds until the oldest of them leaves the window)."""

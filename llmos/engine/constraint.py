@@ -4,6 +4,8 @@ The engine knows only this protocol; the grammar engine behind it (llguidance fo
 the agent layer. Per token: `mask(logits)` sets every token the grammar forbids to -inf just before
 sampling, and `advance(token)` feeds the sampled token to the grammar. An implementation may start
 computing the next mask in `advance`, so that it runs while the model computes the next logits.
+It may also offer `forced_tokens()`: the tokens the grammar admits as the only continuation, which the
+engine appends without sampling, computing them in one run (jump-forward, llmos/engine/speculative.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ class TokenConstraint(Protocol):
 
     def advance(self, token: int) -> None:
         """The token that was sampled (always one `mask` allowed)."""
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens that must come next whatever the model says (optional: [] means none known)."""
+        return []
 
     @property
     def complete(self) -> bool:

@@ -24,6 +24,7 @@ from llmos.engine.memory import release_free_heap
 from llmos.engine.model_runner import ModelRunner, RunnerOptions
 from llmos.engine.sampling import SamplingParams
 from llmos.engine.sequence import FinishReason, Sequence, SequenceStatus, Usage
+from llmos.engine.speculative import Speculator
 from llmos.errors import ContextOverflowError, InvalidSamplingError
 from llmos.manifest import ModelManifest
 from llmos.model_integrity import ModelCheck
@@ -110,6 +111,7 @@ class LLMEngine:
             raise
         check.wait()
         self.eos_ids = frozenset(m.eos_token_ids)
+        self.speculator = Speculator(self.runner)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         if warmup:
@@ -128,6 +130,7 @@ class LLMEngine:
         try:
             self.runner.prefill(cache, [self.tokenizer.bos_id or 0] * 16)
             self.runner.decode([cache], [0])
+            self.runner.prefill(cache, [0] * 4, all_logits=True)  # a speculative verify run
         finally:
             cache.free()
 
@@ -235,15 +238,20 @@ class LLMEngine:
         return delta
 
     def decode(self, batch: list[Sequence]) -> list[str]:
-        """One new token for every sequence in `batch`, in one batched run; their new text, in order."""
-        t0 = time.perf_counter()
-        logits = self.runner.decode([s.cache for s in batch], [s.last_token for s in batch])  # type: ignore[misc]
-        dt = time.perf_counter() - t0
-        out = []
-        for s, row in zip(batch, logits, strict=True):
-            s.usage.decode_s += dt
-            out.append(s.accept(s.sample(row)))
-        return out
+        """At least one new token for every sequence in `batch`; their new text, in order.
+
+        Sequences without a draft worth verifying share one batched run; each one with a draft (n-gram
+        or grammar-forced tokens) gets a run of its own that may yield several tokens (speculative.py)."""
+        plain, drafts = self.speculator.plan(batch)
+        out: dict[int, str] = {}
+        if plain:
+            logits, dt = self.speculator.timed_decode(plain)
+            for s, row in zip(plain, logits, strict=True):  # type: ignore[call-overload]
+                s.usage.decode_s += dt
+                out[s.seq_id] = s.accept(s.sample(row))
+        for p in drafts:
+            out[p.seq.seq_id] = self.speculator.verify(p)
+        return [out[s.seq_id] for s in batch]
 
     def _chunk_size(self) -> int:
         """Prefill chunk: as asked, but small enough that attention scratch (tokens x heads x capacity

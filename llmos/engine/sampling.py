@@ -30,6 +30,9 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # draft-free speculative decoding (llmos/engine/speculative.py): output is the same either way, so
+    # this is only for measuring, or for a caller that wants every step to cost exactly one run
+    speculative: bool = True
 
     @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
     @classmethod
@@ -70,13 +73,26 @@ class SamplingParams(BaseModel):
 
 
 class Sampler:
-    """Per-sequence sampler; its own generator makes a seeded run reproducible whatever else runs."""
+    """Per-sequence sampler; its own randomness makes a seeded run reproducible whatever else runs.
+
+    A draw is an exponential race (the Gumbel-max trick): token argmin(E_i / p_i) with E_i ~ Exp(1) is
+    distributed as p. A seeded request takes the E_i of output position n from a generator seeded with
+    (seed, n), so the token at n depends only on the seed, n and the logits there, not on how many runs
+    produced it. That is what lets speculative decoding (llmos/engine/speculative.py) give a seeded
+    request exactly the tokens plain decoding gives: verifying a draft token t is drawing at its
+    position and comparing. Accepted with probability p(t); on rejection the draw is distributed as p
+    with t removed, renormalized: the standard speculative acceptance rule, with coupled randomness.
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    def _rng(self, position: int) -> np.random.Generator:
+        seed = self.params.seed
+        return self.rng if seed is None else np.random.default_rng((seed, position))
+
+    def __call__(self, logits: np.ndarray, history: list[int], position: int = 0) -> int:
         p = self.params
         if p.repetition_penalty != 1.0 and p.repeat_last_n and history:
             logits = logits.copy()
@@ -102,4 +118,6 @@ class Sampler:
         if p.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             cand, probs = cand[:keep], probs[:keep] / probs[:keep].sum()
-        return int(cand[self.rng.choice(len(cand), p=probs)])
+        race = self._rng(position).exponential(size=len(cand))
+        with np.errstate(divide="ignore"):  # a probability that underflowed to 0 never wins
+            return int(cand[np.argmin(race / probs)])

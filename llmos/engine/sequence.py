@@ -36,6 +36,9 @@ class Usage:
     ttft_s: float = 0.0  # request accepted -> first token sampled
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    draft_tokens: int = 0  # speculative tokens proposed (n-gram drafts) and verified
+    accepted_tokens: int = 0  # of those, the ones kept
+    forced_tokens: int = 0  # tokens the grammar forced, appended without sampling (jump-forward)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -64,12 +67,13 @@ class Sequence:
     usage: Usage = field(default_factory=Usage)
     created: float = field(default_factory=time.perf_counter)
     constraint: TokenConstraint | None = None  # e.g. a JSON Schema grammar (agents/structured_output.py)
+    spec: Any = None  # speculative.DraftState: n-gram index and acceptance, made on its first decode step
     sampler: Sampler = field(init=False)
 
     def sample(self, logits: Any) -> int:
         if self.constraint is not None:
             self.constraint.mask(logits)
-        return self.sampler(logits, self.recent(self.params.repeat_last_n))
+        return self.sampler(logits, self.recent(self.params.repeat_last_n), len(self.output_ids))
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
