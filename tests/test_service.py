@@ -136,13 +136,14 @@ def test_generic_clients_see_and_use_the_api(bus: PrivateBus, daemon: Daemon) ->
 
 
 def test_generate_returns_text_and_stats(bus: PrivateBus, daemon: Daemon) -> None:
-    out = client(bus.address, "generate", "Hello there", json.dumps({"max_tokens": 12, "ignore_eos": True}))
+    on = {"max_tokens": 12, "ignore_eos": True, "speculative": True}
+    out = client(bus.address, "generate", "Hello there", json.dumps(on))
     assert out["stats"]["tokens_out"] == 12 and out["stats"]["finish_reason"] == "length"
     assert out["stats"]["tokens_in"] > 3 and out["stats"]["ttft_ms"] > 0 and out["stats"]["tokens_per_s"] > 0
     assert isinstance(out["text"], str)
     assert out["stats"]["draft_tokens"] >= out["stats"]["accepted_tokens"] >= 0
     assert out["stats"]["forced_tokens"] == 0
-    off = client(bus.address, "generate", "Hello there", json.dumps({"max_tokens": 12, "speculative": False}))
+    off = client(bus.address, "generate", "Hello there", json.dumps({"max_tokens": 12}))  # off by default
     assert off["stats"]["draft_tokens"] == 0 and off["stats"]["accepted_tokens"] == 0
 
 

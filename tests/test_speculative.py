@@ -82,7 +82,7 @@ def test_greedy_identical_batched(engine: LLMEngine, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(engine.speculator, "cost", EagerCosts())
     prompts = [PROMPT, PROMPT[5:], [1, 2, 3, 4], PATTERN * 2]
     plain = engine.generate_batch(prompts, SamplingParams(max_tokens=30, ignore_eos=True, speculative=False))
-    spec = engine.generate_batch(prompts, SamplingParams(max_tokens=30, ignore_eos=True))
+    spec = engine.generate_batch(prompts, SamplingParams(max_tokens=30, ignore_eos=True, speculative=True))
     assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
     assert sum(c.usage.accepted_tokens for c in spec) > 0
 
@@ -110,7 +110,7 @@ def test_max_tokens_and_stop_inside_a_draft(engine: LLMEngine) -> None:
 
 def test_rejected_positions_are_rolled_back(engine: LLMEngine) -> None:
     """A draft that is surely wrong: the sequence keeps one token and the cache length stays consistent."""
-    seq = engine.add_request(PROMPT, SamplingParams(max_tokens=10, ignore_eos=True))
+    seq = engine.add_request(PROMPT, SamplingParams(max_tokens=10, ignore_eos=True, speculative=True))
     engine.step()  # prefill chunk
     while not seq.output_ids:
         engine.step()
@@ -131,7 +131,7 @@ def test_sampling_rule_keeps_the_distribution(engine: LLMEngine) -> None:
     The draft is the most likely token (so it is accepted often and rejected often); a two-sample
     chi-square test over 600 draws each at a 0.1% level.
     """
-    sp = SamplingParams(max_tokens=3, temperature=10.0, top_k=6, ignore_eos=True)
+    sp = SamplingParams(max_tokens=3, temperature=10.0, top_k=6, ignore_eos=True, speculative=True)
     seq = engine.add_request(PROMPT, sp)
     while not seq.output_ids:
         engine.step()
@@ -213,7 +213,7 @@ def test_speculation_backs_off_in_a_full_batch(engine: LLMEngine) -> None:
     spec.cost = CostModel(decode_s={1: 0.01})
     seqs = []
     for _ in range(4):
-        s = engine.add_request(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))
+        s = engine.add_request(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True, speculative=True))
         seqs.append(s)
     while any(s.prefilled < len(s.prompt_ids) or not s.output_ids for s in seqs):
         engine.step()
@@ -306,6 +306,6 @@ def test_grounded_copy_is_drafted_and_identical(real_engine: LLMEngine) -> None:
     )
     msgs = [{"role": "user", "content": f"Repeat this sentence exactly:\n\n{passage}"}]
     plain = real_engine.generate(msgs, SamplingParams(max_tokens=48, speculative=False))
-    spec = real_engine.generate(msgs, SamplingParams(max_tokens=48))
+    spec = real_engine.generate(msgs, SamplingParams(max_tokens=48, speculative=True))
     assert spec.token_ids == plain.token_ids
     assert spec.usage.accepted_tokens >= 20

@@ -30,9 +30,12 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    # draft-free speculative decoding (llmos/engine/speculative.py): output is the same either way, so
-    # this is only for measuring, or for a caller that wants every step to cost exactly one run
-    speculative: bool = True
+    # draft-free speculative decoding and grammar jump-forward (llmos/engine/speculative.py). Opt-in:
+    # on the int4 graph a verify run's logits differ from a decode step's in the last bits (two
+    # GroupQueryAttention paths, then int8 activation rounding), so a near tie can go the other way, and
+    # whether a step drafts depends on measured run times: with it on, a greedy answer is not always
+    # the plain one, nor the same run to run. Exact graphs (fp32) give identical output either way.
+    speculative: bool = False
 
     @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
     @classmethod
