@@ -238,17 +238,22 @@ async def _scored_steps(
         pool = [t for t in offered if t.name not in done]
         choice = None
         if number < max_steps and pool:
-            choice = await choose_tool(
-                goal,
-                pool,
-                score,
-                instructions=instructions,
-                must_call=number == 1 and tool_choice == "required",
-                history=history,
-            )
-            candidates = choice.candidates or candidates
-            if number > 1 and choice.detail.get("retrieval", 0.0) < FOLLOW_UP_SHARE * first_retrieval:
-                choice = None  # nothing left that the goal asks for as clearly as what was called
+            try:
+                choice = await choose_tool(
+                    goal,
+                    pool,
+                    score,
+                    instructions=instructions,
+                    must_call=number == 1 and tool_choice == "required",
+                    history=history,
+                    # a later call: only of a tool the goal names about as clearly as the first call's
+                    min_retrieval=FOLLOW_UP_SHARE * first_retrieval,
+                )
+            except ScoringUnavailableError:
+                if number == 1:
+                    raise  # nothing yielded yet: run_agent generates the run's choices instead
+                choice = None  # the engine is full: answer with what the run has
+            candidates = choice.candidates if choice is not None and choice.candidates else candidates
         if choice is None or choice.tool is None:
             spec = fmt.constraint([], allow_answer=True, allow_tools=False, answer_chars=answer_chars)
             text = await generate(choice_prompt(goal, candidates, instructions) + history, spec.json_schema)

@@ -63,20 +63,23 @@ async def choose_tool(
     instructions: str,
     must_call: bool,
     history: Sequence[dict[str, str]] = (),
+    min_retrieval: float = 0.0,
 ) -> Choice:
     """The tool to call for `goal` (or None: answer). `history`: the run's turns after the goal (calls
-    made and their results), so a later step decides with what it already has."""
+    made and their results), so a later step decides with what it already has. Below `min_retrieval`
+    (a later step: nothing left matches the goal as the first call did) it answers without scoring."""
     ranked = ToolIndex(tools).rank(goal)[:CANDIDATES]
-    if not ranked:
-        return Choice(None, [])
+    top = max((r.score for r in ranked), default=0.0)
+    if not ranked or (not must_call and top < min_retrieval):
+        return Choice(None, [r.tool for r in ranked], {"retrieval": round(top, 3)})
     candidates = [r.tool for r in ranked]
     messages = choice_prompt(goal, candidates, instructions) + list(history)
     calls = [f'{{"tool": "{t.name}"' for t in candidates]
-    logps = await score(messages, [ANSWER_START, CALL_START, *calls])
-    answer_lp, call_lp = sum(logps[0]), sum(logps[1])
-    top = max(r.score for r in ranked)
+    starts = [] if must_call else [ANSWER_START, CALL_START]  # a step that must call has no choice there
+    logps = await score(messages, [*starts, *calls])
+    answer_lp, call_lp = (sum(logps[0]), sum(logps[1])) if starts else (0.0, 0.0)
     best, best_value, values = None, float("-inf"), {}
-    for r, lp in zip(ranked, logps[2:], strict=True):
+    for r, lp in zip(ranked, logps[len(starts) :], strict=True):
         value = sum(lp) / len(lp) + RETRIEVAL_WEIGHT * (r.score / top if top > 0 else 0.0)
         values[r.tool.name] = round(value, 3)
         if value > best_value:
