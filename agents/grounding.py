@@ -4,6 +4,9 @@ request says, and the values the model wrote tied back to the request's own word
 - A time or date parameter (`format` time/date, a time `pattern`, "HH:MM" / "YYYY-MM-DD" in its
   description, or named `time`) gets the time or date the request states, read deterministically
   (agents/request_values.py) and fixed in the grammar (`const`): the model cannot write another.
+- An enum parameter whose values the request names exactly one of takes that one.
+- A boolean that switches something on or off takes the polarity the request's words give ("switch
+  it off", "enable").
 - A number parameter, when the request states numbers, may only take one of them (or a hundredth of
   one: "4%" as a rate of 0.04).
 - Optional parameters the request does not mention (by name, description words or enum value) are
@@ -41,6 +44,24 @@ def _kind(name: str, prop: dict[str, Any]) -> str | None:
     return None
 
 
+def _flat(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _named_values(prop: dict[str, Any], request: str) -> list[Any]:
+    """The enum values the request names ("wi-fi" names `wifi`, "do not disturb" `do_not_disturb`)."""
+    flat = _flat(request)
+    return [v for v in prop.get("enum", []) if isinstance(v, str) and len(_flat(v)) >= 2 and _flat(v) in flat]
+
+
+def _is_switch(name: str, prop: dict[str, Any]) -> bool:
+    """A boolean that says whether something is on: named so, or described as switching on/off."""
+    desc = str(prop.get("description", "")).lower()
+    return name.lower() in ("on", "enabled", "enable", "active", "state", "power") or (
+        " on" in f" {desc}" and "off" in desc
+    )
+
+
 def _mentioned(name: str, prop: dict[str, Any], request: str, request_terms: set[str]) -> bool:
     if (
         any(r.startswith(t) for t in terms(name) if len(t) >= 4 for r in request_terms)
@@ -70,6 +91,19 @@ def call_schema(tool: Tool, request: str, strict: dict[str, Any]) -> tuple[dict[
         if pool:
             fixed[name] = pool.pop(0)
             props[name] = {"const": fixed[name]}
+            continue
+        named = _named_values(author, request)
+        if len(named) == 1 and name in required:
+            fixed[name] = named[0]  # the one allowed value the request names
+            props[name] = {"const": named[0]}
+            continue
+        if (
+            prop.get("type") == "boolean"
+            and _is_switch(name, author)
+            and (on := rv.switched(request)) is not None
+        ):
+            fixed[name] = on  # "switch it off": the polarity is in the words, not for the model to guess
+            props[name] = {"const": on}
             continue
         if name not in required and (kind or not _mentioned(name, author, request, request_terms)):
             del props[name]  # optional, and the request says nothing of it

@@ -93,3 +93,15 @@ def quoted(text: str) -> list[str]:
     a quote)."""
     spans = re.findall(r"(?:^|(?<=[\s:(]))['\"“‘](.+?)['\"”’](?=$|[\s.,!?:;)])", text)
     return [s.strip() for s in spans if s.strip()]
+
+
+_OFF = re.compile(r"\b(off|disable|disabled|deactivate|stop|mute)\b")
+_ON = re.compile(r"\b(on|enable|enabled|activate|start)\b")
+
+
+def switched(text: str) -> bool | None:
+    """Whether the request switches something off (False) or on (True); None if it says neither or
+    both."""
+    low = text.lower()
+    off, on = bool(_OFF.search(low)), bool(_ON.search(low))
+    return None if off == on else on
