@@ -269,9 +269,8 @@ async def _scored_steps(
             first_retrieval = choice.detail.get("retrieval", 0.0)
         fitted = budget.calls[tool.name]
         schema, _fixed = call_schema(tool, goal, fitted.parameters)
-        system = (
-            f"{instructions} {fmt.HOW} {DATA_NOTE}\n\nTools:\n{tool_line(tool, list(schema['properties']))}"
-        )
+        shown = tool_line(tool, list(schema["properties"]))  # what this call may fill, in plain words
+        system = f"{instructions} {JSON_STEPS.HOW} {DATA_NOTE}\n\nTools:\n{shown}"
         messages = [{"role": "system", "content": system}, {"role": "user", "content": goal}, *history]
         spec = fmt.constraint(
             [tool],
