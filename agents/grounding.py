@@ -11,6 +11,8 @@ request says, and the values the model wrote tied back to the request's own word
   one: "4%" as a rate of 0.04).
 - Optional parameters the request does not mention (by name, description words or enum value) are
   left out of the call: a small model fills every slot it is shown with something.
+- A free-text string (no enum, pattern or format) is one of the request's own runs of words (a
+  `pattern` of them): a small model asked for a city otherwise writes one it made up.
 - A string the model wrote that is the request's words in other case, or nearly its words, is replaced
   by them; a title-like string that is not in the request becomes the request's quoted span if it has
   exactly one ("a title stated in the request came back as the tool's own name", issue 12).
@@ -83,6 +85,7 @@ def call_schema(tool: Tool, request: str, strict: dict[str, Any]) -> tuple[dict[
     request_terms = set(terms(request))
     times, dates = rv.clock_times(request), rv.iso_dates(request)
     stated = rv.numbers(request)
+    spans = request_spans(request)
     fixed: dict[str, Any] = {}
     for name in list(props):
         prop, author = props[name], own.get(name) if isinstance(own.get(name), dict) else {}
@@ -120,8 +123,42 @@ def call_schema(tool: Tool, request: str, strict: dict[str, Any]) -> tuple[dict[
             values = [v for v in dict.fromkeys(values) if _within(prop, v)]
             if values:
                 props[name] = {"type": prop["type"], "enum": values}
+        elif isinstance(prop, dict) and _free_text(author) and spans:
+            props[name] = {**prop, "pattern": spans}  # the request's own words, copied
+            if name not in required and re.search(r"title|name|label|subject", name) and rv.quoted(request):
+                schema.setdefault("required", []).append(name)  # the quoted title it was kept for
+        elif isinstance(prop, dict) and prop.get("type") == "array" and spans:
+            items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+            own_items = author.get("items") if isinstance(author.get("items"), dict) else {}
+            if items.get("type") == "string" and _free_text(own_items):
+                props[name] = {**prop, "items": {**items, "pattern": spans}}
     schema["required"] = [n for n in schema.get("required") or [] if n in props]
     return schema, fixed
+
+
+MAX_SPAN_WORDS = 8
+_META = re.compile(r"([\\.+*?()|\[\]{}^$#&\-~])")
+_EDGE = "\"'“”‘’.,!?:;()"
+
+
+def request_spans(request: str) -> str | None:
+    """A pattern matching exactly the runs of up to MAX_SPAN_WORDS consecutive words of the request
+    (quotes and end punctuation trimmed): what a free-text value stated in the request can be."""
+    words = request.split()
+    spans: dict[str, None] = {}
+    for i in range(len(words)):
+        for j in range(i + 1, min(len(words), i + MAX_SPAN_WORDS) + 1):
+            span = " ".join(words[i:j]).strip(_EDGE)
+            if span:
+                spans[span] = None
+    if not spans or len(spans) > 400:
+        return None
+    return "^(" + "|".join(_META.sub(r"\\\1", s) for s in sorted(spans, key=len, reverse=True)) + ")$"
+
+
+def _free_text(prop: dict[str, Any]) -> bool:
+    """A string with nothing that says what it must look like: no enum, const, pattern or format."""
+    return prop.get("type") == "string" and not any(k in prop for k in ("enum", "const", "pattern", "format"))
 
 
 def _within(prop: dict[str, Any], v: float) -> bool:
