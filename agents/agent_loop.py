@@ -17,10 +17,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.call_budget import call_budget
+from agents.call_budget import CallBudget, call_budget
+from agents.grounding import call_schema, tie_to_request
 from agents.step_draft import partial_arguments
-from agents.tool_format import ANSWER_CHARS, JSON_STEPS, InvalidStepError, StepCutError, ToolCallFormat
-from agents.tools import Tool
+from agents.tool_choice import Score, ScoringUnavailableError, choice_prompt, choose_tool
+from agents.tool_format import (
+    ANSWER_CHARS,
+    DATA_NOTE,
+    JSON_STEPS,
+    InvalidStepError,
+    StepCutError,
+    ToolCallFormat,
+)
+from agents.tool_view import tool_line
+from agents.tools import Tool, argument_problems
 
 
 class CallTooLargeError(InvalidStepError):
@@ -89,9 +99,12 @@ async def run_agent(
     max_step_tokens: int = 1024,
     fmt: ToolCallFormat = JSON_STEPS,  # how calls look: the model's own format, or JSON steps
     max_call_tokens: int | None = None,  # the most a step that may call a tool may take; None: max_step
+    score: Score | None = None,  # the engine's likelihood of given continuations: tools are chosen by it
 ) -> AsyncIterator[Step]:
     """Yield each step; the last one carries the answer (forced at the step budget), or is a call cut
-    short (StepCutError follows it)."""
+    short (StepCutError follows it). With `score` (and JSON steps, constrained), the tool or the answer
+    is chosen by retrieval and the model's likelihood, then only the chosen call is generated
+    (`_scored_steps`); without it, the model picks among all tools as it generates."""
     by_name = {t.name: t for t in tools}
     ceiling = max(max_step_tokens, max_call_tokens or max_step_tokens)
     budget = call_budget(tools, fmt.call_overhead, ceiling)
@@ -101,6 +114,35 @@ async def run_agent(
             f"no tool's call fits in {ceiling} tokens ({', '.join(sorted(budget.left_out))}); lower the "
             "tools' limits or raise [limits] max_tokens"
         )
+    if (
+        score is not None
+        and constrained
+        and fmt.name == JSON_STEPS.name
+        and offered
+        and tool_choice != "none"
+    ):
+        scored = _scored_steps(
+            goal,
+            offered,
+            budget,
+            generate,
+            call_tool,
+            score,
+            max_steps=max_steps,
+            tool_choice=tool_choice,
+            instructions=instructions,
+            max_step_tokens=max_step_tokens,
+            fmt=fmt,
+        )
+        try:
+            first = await anext(scored)
+        except ScoringUnavailableError:
+            pass  # the engine could not score now: this run generates its choices
+        else:
+            yield first
+            async for step in scored:
+                yield step
+            return
     grammar_tokens = max(max_step_tokens, budget.tokens)
     messages = [
         {"role": "system", "content": fmt.system_prompt(offered, instructions)},  # only what it can call
@@ -169,4 +211,114 @@ async def run_agent(
         step = Step(number, tool=tool.name, arguments=decided["arguments"])
         step.observation = await call_tool(tool, step.arguments)
         messages.append(fmt.observation(tool.name, step.observation))
+        yield step
+
+
+FOLLOW_UP_SHARE = 0.8  # a later call's tool must match the goal about as well as the first call's did
+
+
+async def _scored_steps(
+    goal: str,
+    offered: list[Tool],
+    budget: CallBudget,
+    generate: Generate,
+    call_tool: CallTool,
+    score: Score,
+    *,
+    max_steps: int,
+    tool_choice: str,
+    instructions: str,
+    max_step_tokens: int,
+    fmt: ToolCallFormat,
+) -> AsyncIterator[Step]:
+    """Steps whose tool (or answer) is chosen by agents/tool_choice.py; only the chosen call is
+    generated, against its strict schema narrowed to the request (agents/grounding.py), with the tool
+    shown in plain words. A tool whose call succeeded is not offered again in the run (its result is
+    what the run has; only an error result lets it be retried), so a side effect happens once however
+    the next step's arguments would differ."""
+    answer_chars = max(8, min(ANSWER_CHARS, (max_step_tokens - 16) * 3))
+    history: list[dict[str, str]] = []
+    done: set[str] = set()
+    first_retrieval = 0.0
+    candidates: list[Tool] = offered[:0]
+    for number in range(1, max_steps + 1):
+        pool = [t for t in offered if t.name not in done]
+        choice = None
+        if number < max_steps and pool:
+            try:
+                choice = await choose_tool(
+                    goal,
+                    pool,
+                    score,
+                    instructions=instructions,
+                    must_call=number == 1 and tool_choice == "required",
+                    history=history,
+                    # a later call: only of a tool the goal names about as clearly as the first call's
+                    min_retrieval=FOLLOW_UP_SHARE * first_retrieval,
+                )
+            except ScoringUnavailableError:
+                if number == 1:
+                    raise  # nothing yielded yet: run_agent generates the run's choices instead
+                choice = None  # the engine is full: answer with what the run has
+            candidates = choice.candidates if choice is not None and choice.candidates else candidates
+        if choice is None or choice.tool is None:
+            spec = fmt.constraint([], allow_answer=True, allow_tools=False, answer_chars=answer_chars)
+            text = await generate(
+                choice_prompt(goal, candidates, instructions) + history,
+                spec.json_schema,
+                step=number,  # streamed to the run's owner as it is written, as on the generated path
+            )
+            if getattr(text, "finish_reason", "stop") in ("length", "context"):
+                yield Step(number, answer=(fmt.cut_answer(text) or "").rstrip() + " …", cut=True)
+                return
+            answer = fmt.parse(text, {})["answer"]
+            whole = len(answer) < answer_chars
+            yield Step(number, answer=answer if whole else answer + " …", cut=not whole)
+            return
+        tool = choice.tool
+        if number == 1:
+            first_retrieval = choice.detail.get("retrieval", 0.0)
+        fitted = budget.calls[tool.name]
+        schema, _fixed = call_schema(tool, goal, fitted.parameters)
+        shown = tool_line(tool, list(schema["properties"]))  # what this call may fill, in plain words
+        system = f"{instructions} {JSON_STEPS.HOW} {DATA_NOTE}\n\nTools:\n{shown}"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": goal}, *history]
+        spec = fmt.constraint(
+            [tool],
+            allow_answer=False,
+            allow_tools=True,
+            answer_chars=answer_chars,
+            parameters={tool.name: schema},
+        )
+        tokens = max(max_step_tokens, fitted.tokens)
+        text = await generate(
+            messages,
+            spec.json_schema,
+            step=number,
+            **({"grammar_tokens": tokens} if tokens > max_step_tokens else {}),
+        )
+        if getattr(text, "finish_reason", "stop") in ("length", "context"):
+            yield Step(number, tool=tool.name, partial=str(text))
+            raise StepCutError(
+                f"step {number} ran out of tokens in the middle of a call of {tool.name}; "
+                f"the call was not made (the step had {tokens} tokens)"
+            )
+        arguments = fmt.parse(text, {tool.name: tool})["arguments"]
+        if fitted.reached_lowered_cap(arguments):
+            yield Step(number, tool=tool.name, arguments=arguments, partial=str(text))
+            raise StepCutError(
+                f"step {number}: the call of {tool.name} reached a length its tool's limits were lowered "
+                "to, so a value may be cut short; the call was not made"
+            )
+        tied = tie_to_request(tool, arguments, goal)
+        if not argument_problems(fitted.parameters, tied):
+            arguments = tied
+        step = Step(number, tool=tool.name, arguments=arguments)
+        step.observation = await call_tool(tool, arguments)
+        if not (isinstance(step.observation, dict) and "error" in step.observation):
+            done.add(tool.name)  # it did what it does: the run does not do it again
+        history += [
+            {"role": "assistant", "content": json.dumps({"tool": tool.name, "arguments": arguments})},
+            fmt.observation(tool.name, step.observation),
+        ]
         yield step

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.agent_loop import INSTRUCTIONS, CallTool, Generate, Step, run_agent
+from agents.tool_choice import Score
 from agents.tool_format import JSON_STEPS, ToolCallFormat
 from agents.tools import Tool
 from llmos.errors import LlmosError
@@ -54,6 +55,9 @@ class AgentContext:
     max_call_tokens: int = 0
     constrained: bool = True
     tool_format: ToolCallFormat = JSON_STEPS  # how tool calls look for the served model
+    # the model's likelihood of given continuations (agents/tool_choice.py): the default loop chooses
+    # tools by it; None: the model chooses as it generates
+    score: Score | None = None
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -119,6 +123,7 @@ class AgentPlugin:
             max_step_tokens=ctx.max_step_tokens,
             fmt=ctx.tool_format,
             max_call_tokens=ctx.max_call_tokens or None,
+            score=ctx.score,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -16,11 +16,14 @@ from dbus_fast import Message, MessageType, Variant
 
 from agents.agent_loop import Step
 from agents.plugin import AgentContext, AgentPlugin, AgentPluginError
+from agents.tool_choice import ScoringUnavailableError
 from agents.tool_format import STEP_JSON_STYLE, InvalidStepError, StepCutError
 from agents.tools import Tool, argument_problems
 from llmos import bounded_json
 from llmos.engine.sampling import SamplingParams
+from llmos.engine.scoring import ContinuationScore, score_continuations
 from llmos.engine.sequence import FinishReason
+from llmos.errors import CapacityError
 from llmos.tokenizer import Tokenizer
 from system_services.dbus_errors import error, to_dbus_error
 from system_services.engine_worker import CancelledByDaemon, Job
@@ -228,6 +231,7 @@ class AgentRun:
             tool_choice=s.tool_choice,
             constrained=s.constrained,
             tool_format=self.daemon.tool_format,
+            score=self._score,
         )
         return self.agent.steps(ctx)
 
@@ -313,6 +317,23 @@ class AgentRun:
             if stream is not None:
                 stream.end()
         return Reply(result.text, FinishReason(result.finish_reason).value)
+
+    async def _score(self, messages: list[dict[str, str]], continuations: list[str]) -> list[list[float]]:
+        """Each continuation's token log-likelihoods after the rendered messages, from one scoring pass
+        on the engine's thread between arbiter steps (llmos.engine.scoring): a few short runs on one
+        prompt, far less than a generation, so it is not queued as one."""
+        d = self.daemon
+        prompt, _ = plain_prompt(messages, None, self._specials)
+        ids = d.encode_prompt(prompt)
+        conts = [d.model.tokenizer.encode(c, parse_special=False) for c in continuations]
+
+        def run() -> list[ContinuationScore]:
+            try:
+                return score_continuations(d.arbiter.load(), ids, conts)
+            except CapacityError as e:  # every KV slot is taken: this step generates its choice instead
+                raise ScoringUnavailableError(str(e)) from None
+
+        return [s.token_logprobs for s in await d.worker.call(run)]
 
     async def _call_tool(self, tool: Tool, arguments: dict[str, Any]) -> Any:
         """The tool's answer, or {"error": ...}: a failing or silent tool is something the model reads,
