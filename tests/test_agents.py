@@ -411,12 +411,18 @@ def test_a_tool_with_an_open_schema_never_receives_a_key_it_does_not_declare(
     ]
     out = run_many(bus, tmp_path, runs)
     declared = {t["name"]: set(t["parameters"]["properties"]) for t in OPEN_TOOLS}
-    assert len(out["calls"]) >= len(runs)  # every first step is a call
+    # every first step is a call (one may be refused before the app, e.g. an array past its tool's limits)
+    assert all(r["steps"] and "tool" in r["steps"][0] for r in out["runs"]), out["runs"]
+    assert len(out["calls"]) >= len(runs) - 2, out["calls"]
     for call in out["calls"]:
         assert set(call["arguments"]) <= declared[call["tool"]], call
         jsonschema.validate(call["arguments"], strict_form(call["tool"]))
     for run_ in out["runs"]:
-        assert run_["code"] == 0, run_["result"]
+        # every run ends: with its answer, or refusing by name a sampled call that filled a value to the
+        # length its tool's limits were lowered to (the call is not made, the app is told; never a value
+        # left unterminated)
+        lowered = "reached a length its tool's limits were lowered to"
+        assert run_["code"] == 0 or lowered in run_["result"].get("error_message", ""), run_["result"]
         for step in run_["steps"]:
             if step.get("tool"):
                 assert set(step["arguments"]) <= declared[step["tool"]], step
