@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmos.arbiter.auto_prefix import AutoPrefix
+from llmos.arbiter.auto_prefix import AutoPrefix, common_prefix
 from llmos.arbiter.kv_manager import KVManager
 from llmos.arbiter.policy import Account, ArbiterConfig
 from llmos.arbiter.prefix_cache import PrefixCache
@@ -258,7 +258,7 @@ class Arbiter:
             if req.preemptions and seq.output_ids:  # a preempted decode resumes exactly where it stopped
                 n = len(restored.ids)
             else:  # a new turn reuses what its conversation shares; one prompt token is fed, for logits
-                n = min(_common_prefix(restored.ids, seq.prompt_ids), len(seq.prompt_ids) - 1)
+                n = min(common_prefix(restored.ids, seq.prompt_ids), len(seq.prompt_ids) - 1)
             restored.into(seq.cache, n)
             req.restored_from = restored.source
         elif not parked and not seq.output_ids and (hit := self.prefix.lookup(req.account, seq.prompt_ids)):
@@ -435,12 +435,3 @@ class Arbiter:
         now = time.monotonic()
         n = use.last_minute(now)
         return n, (use.recent[0][0] + 1 + WINDOW_S - now) if use.recent else 0.0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
