@@ -9,8 +9,9 @@
 //   T::gemv_x16(G, nb, x, y, pf)  y[0..15] = the 16 rows of group G (nb blocks of 16*BLK bytes each)
 //              against one activation row x (int8 per 32 weights: x.q, x.d, x.s, x.h per 32); pf: bytes
 //              to prefetch alongside (the same offset in a group ahead)
-//   T::ROWS    optional: T::gemm_x16<T::ROWS>(G, nb, xs, y, ldy, pf) does ROWS activation rows (xs[r],
-//              output y + r*ldy) in one pass, decoding each weight vector once for all of them (prefill)
+//   T::ROWS    optional: T::gemm_x16<R>(G, nb, xs, y, ldy, pf) does R <= ROWS activation rows (xs[r],
+//              output y + r*ldy) in one pass, decoding each weight vector once for all of them (prefill);
+//              such a type needs no gemv_x16 (one row is gemm_x16<1>)
 // The weights input B is uint8 [N, K/QK*BLK]: the GGUF's rows regrouped 16 at a time by
 // llmos/gguf_layouts.py, nothing re-rounded. Inputs: A float [..., K], B; output Y float [..., N].
 //
@@ -135,8 +136,13 @@ void run_task(void* p, size_t g) {
     for (; m + R <= j.M; m += R)
       T::template gemm_x16<R>(G, j.nb, j.xs + m, j.Y + size_t(m) * j.N + g * 16, size_t(j.N), G + ahead * gbytes);
   }
-  for (; m < j.M; ++m)
-    T::gemv_x16(G, j.nb, j.xs[m], j.Y + size_t(m) * j.N + g * 16, G + ahead * gbytes);
+  for (; m < j.M; ++m) {  // a type with a multi-row pass does one row with the same code (same sums)
+    float* y = j.Y + size_t(m) * j.N + g * 16;
+    if constexpr (RowsPerPass<T>::value > 1)
+      T::template gemm_x16<1>(G, j.nb, j.xs + m, y, 0, G + ahead * gbytes);
+    else
+      T::gemv_x16(G, j.nb, j.xs[m], y, G + ahead * gbytes);
+  }
 }
 
 template <class T>

@@ -49,13 +49,6 @@ static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint
 }
 #else
 // AVX2: each 64-byte chunk is rows 0-7 (32 bytes) then rows 8-15.
-static inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, w, x);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
-#endif
-}
 
 static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint8_t* pf) {
   __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
@@ -73,10 +66,10 @@ static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint
       const __m256i xl = _mm256_set1_epi32(xb[k]), xh = _mm256_set1_epi32(xb[k + 4]);
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 + k * 64));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + k * 64));
-      a0 = dot8(a0, _mm256_and_si256(v0, m4), xl);
-      a0 = dot8(a0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh);
-      a1 = dot8(a1, _mm256_and_si256(v1, m4), xl);
-      a1 = dot8(a1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh);
+      a0 = dpbusd8(a0, _mm256_and_si256(v0, m4), xl);
+      a0 = dpbusd8(a0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh);
+      a1 = dpbusd8(a1, _mm256_and_si256(v1, m4), xl);
+      a1 = dpbusd8(a1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh);
     }
     f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), s0, f0);
     f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), s1, f1);

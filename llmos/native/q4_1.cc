@@ -66,13 +66,6 @@ static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy
 static constexpr int ROWS = 2;  // 16 ymm registers
 
 // AVX2: each 64-byte chunk is rows 0-7 (32 bytes) then rows 8-15.
-static inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, w, x);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
-#endif
-}
 
 template <int R>
 static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy, const uint8_t* pf) {
@@ -90,7 +83,7 @@ static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy
         const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         for (int r = 0; r < R; ++r) {
           const int32_t* xb = reinterpret_cast<const int32_t*>(x[r].q) + b * 8;
-          a[r][h] = dot8(dot8(a[r][h], lo, _mm256_set1_epi32(xb[k])), hi, _mm256_set1_epi32(xb[k + 4]));
+          a[r][h] = dpbusd8(dpbusd8(a[r][h], lo, _mm256_set1_epi32(xb[k])), hi, _mm256_set1_epi32(xb[k + 4]));
         }
       }
     }
@@ -111,10 +104,6 @@ static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy
   }
 }
 #endif
-
-static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint8_t* pf) {
-  gemm_x16<1>(G, nb, &x, y, 0, pf);
-}
 };
 
 Registered<Q4_1> registered;

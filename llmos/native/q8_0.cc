@@ -106,10 +106,6 @@ static void gemm_x16(const uint8_t* G, int nb, const XQ* x, float* y, size_t ldy
   }
 }
 #endif
-
-static void gemv_x16(const uint8_t* G, int nb, const XQ& x, float* y, const uint8_t* pf) {
-  gemm_x16<1>(G, nb, &x, y, 0, pf);
-}
 };
 
 Registered<Q8_0> registered;
